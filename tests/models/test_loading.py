@@ -1,0 +1,49 @@
+"""Loading policy/reference models from a local folder: attention, dtype, freezing, errors."""
+import pytest
+import torch
+
+from models import ModelConfig, load_policy, load_reference, pick_attn_implementation, pick_dtype
+from models.processor import load_processor, pixel_limits
+
+
+def test_cpu_picks_sdpa_and_fp32():
+    assert not torch.cuda.is_available()
+    assert pick_attn_implementation("auto") == "sdpa"
+    assert pick_dtype("auto") == torch.float32
+    assert pick_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="flash-attn"):
+        pick_attn_implementation("flash_attention_2")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        pick_dtype("int8")
+
+
+def test_policy_freezes_vision_tower_and_merger(tiny_ckpt):
+    model = load_policy(ModelConfig(str(tiny_ckpt), freeze_vision=True))
+    visual = model.model.visual
+    assert all(not p.requires_grad for p in visual.parameters())
+    assert all(not p.requires_grad for p in visual.merger.parameters())
+    assert all(p.requires_grad for n, p in model.named_parameters() if "visual" not in n)
+    assert model.config._attn_implementation == "sdpa"
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_policy_gradient_checkpointing_and_reference_frozen(tiny_ckpt):
+    model = load_policy(ModelConfig(str(tiny_ckpt), freeze_vision=False, gradient_checkpointing=True))
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    assert all(p.requires_grad for p in model.parameters())
+    ref = load_reference(ModelConfig(str(tiny_ckpt)))
+    assert not ref.training and all(not p.requires_grad for p in ref.parameters())
+
+
+def test_missing_folder_and_hub_names_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        load_policy(ModelConfig(str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="hub name"):
+        load_policy(ModelConfig("Qwen/Qwen2.5-VL-7B-Instruct"))
+
+
+def test_processor_pixel_limits_override(tiny_ckpt):
+    assert pixel_limits(load_processor(tiny_ckpt).image_processor) == (3136, 65536)
+    assert pixel_limits(load_processor(tiny_ckpt, max_pixels=12544).image_processor) == (3136, 12544)
+    with pytest.raises(ValueError, match="min_pixels"):
+        load_processor(tiny_ckpt, min_pixels=9000, max_pixels=4000)
