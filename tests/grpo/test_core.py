@@ -1,0 +1,455 @@
+"""Hand-computed checks of grpo.core. Every expected number is worked out in a comment.
+
+The independent re-implementation comparisons on random tensors live in
+test_core_reference.py.
+"""
+import math
+
+import pytest
+import torch
+
+from grpo.core import (
+    ADVANTAGE_SCALES,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    RATIO_LEVELS,
+    aggregate_loss,
+    combine_rewards,
+    entropy_from_logits,
+    grpo_token_loss,
+    group_advantages,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
+    selective_log_softmax,
+)
+
+torch.set_num_threads(1)
+NAN = float("nan")
+LN2 = math.log(2.0)
+
+
+def T(x, **kw):
+    return torch.tensor(x, dtype=kw.pop("dtype", torch.float64), **kw)
+
+
+def close(a, b, tol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               atol=tol, rtol=tol, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- group_advantages
+
+# group 0: [1, 0, 1, 0] -> mean 0.5, deviations +-0.5, sum sq = 4 * 0.25 = 1,
+#          unbiased var = 1/3, std = 0.577350
+# group 1: [2, NaN, 0, 1] -> valid [2, 0, 1], mean 1, deviations [1, -1, 0], sum sq = 2,
+#          var = 2/2 = 1, std = 1
+# batch:   valid [1,0,1,0,2,0,1]: n = 7, sum 5, mean 5/7; sum sq of deviations =
+#          sum r^2 - n mean^2 = 7 - 25/7 = 24/7; var = (24/7)/6 = 4/7; std = 0.755929
+REWARDS = [[1.0, 0.0, 1.0, 0.0], [2.0, NAN, 0.0, 1.0]]
+
+
+def test_group_advantages_group_scale_hand():
+    adv, m = group_advantages(T(REWARDS), "group", eps=0.0)
+    s3 = math.sqrt(3) / 2  # 0.5 / sqrt(1/3) = 0.866025
+    close(adv, [[s3, -s3, s3, -s3], [1.0, 0.0, -1.0, 0.0]])
+    close(m["frac_zero_std_groups"], 0.0)
+    close(m["reward_mean"], 5 / 7)
+    close(m["reward_std"], math.sqrt(4 / 7))
+    close(m["abstain_frac"], 1 / 8)
+
+
+def test_group_advantages_default_eps_hand():
+    adv, _ = group_advantages(T(REWARDS))  # eps = 1e-4
+    # 0.5 / (0.5773503 + 0.0001) = 0.8658754 ; 1 / (1 + 1e-4) = 0.99990001
+    close(adv[0, 0], 0.8658754297607016)
+    close(adv[1], [0.99990001, 0.0, -0.99990001, 0.0])
+
+
+def test_group_advantages_batch_scale_hand():
+    adv, _ = group_advantages(T(REWARDS), "batch", eps=0.0)
+    a = 0.5 / math.sqrt(4 / 7)  # = sqrt(7)/4 = 0.661438
+    b = 1.0 / math.sqrt(4 / 7)  # = sqrt(7)/2 = 1.322876
+    close(adv, [[a, -a, a, -a], [b, 0.0, -b, 0.0]])
+
+
+def test_group_advantages_none_scale_hand():
+    adv, _ = group_advantages(T(REWARDS), "none")
+    # Dr. GRPO: r - mean only: [1,0,1,0] - 0.5 ; [2,.,0,1] - 1
+    close(adv, [[0.5, -0.5, 0.5, -0.5], [1.0, 0.0, -1.0, 0.0]])
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_group_advantages_degenerate_groups_exact_zero(scale, dtype):
+    r = torch.tensor([
+        [1.0, 0.0, 1.0, 0.0],       # normal group (gives the batch a nonzero std)
+        [0.1, 0.1, 0.1, NAN],       # all valid equal -> exactly 0
+        [NAN, NAN, NAN, NAN],       # all abstained -> 0
+        [NAN, 3.0, NAN, NAN],       # single valid -> 0
+    ], dtype=dtype)
+    adv, m = group_advantages(r, scale)
+    assert adv.dtype == dtype
+    assert torch.isfinite(adv).all()
+    assert torch.equal(adv[1:], torch.zeros_like(adv[1:]))      # exactly 0, not 1e-9
+    assert (adv[0] != 0).all()
+    close(m["frac_zero_std_groups"], 3 / 4)
+    close(m["abstain_frac"], 8 / 16)  # 1 + 4 + 3 NaN out of 16
+
+
+def test_group_advantages_all_equal_float_roundoff_exact_zero():
+    # fp32: 0.7 - sum([0.7]*7)/7 = 5.96e-8 (0.3 -> 2.98e-8, 0.9 -> -5.96e-8), which divided by
+    # (std 0 + eps 1e-4) would give |adv| ~ 6e-4; flat groups must still give exactly 0
+    r = torch.full((3, 7), 0.7, dtype=torch.float32)
+    r[1], r[2] = 0.3, 0.9
+    for scale in ADVANTAGE_SCALES:
+        adv, m = group_advantages(r, scale)
+        assert torch.equal(adv, torch.zeros_like(adv))
+        close(m["frac_zero_std_groups"], 1.0)
+
+
+def test_group_advantages_all_nan_batch():
+    adv, m = group_advantages(torch.full((2, 3), NAN), "batch")
+    assert torch.equal(adv, torch.zeros(2, 3))
+    close(m["abstain_frac"], 1.0)
+    assert all(torch.isfinite(v) for v in m.values())
+
+
+def test_group_advantages_errors():
+    with pytest.raises(ValueError, match="valid names.*batch.*group.*none"):
+        group_advantages(torch.zeros(2, 2), "bogus")
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(4), "group")
+
+
+# --------------------------------------------------------------------------- combine_rewards
+
+def test_combine_rewards_hand():
+    r = T([[1.0, 0.5], [NAN, 1.0], [NAN, NAN], [0.0, NAN]])
+    w = T([1.0, 2.0])
+    # row0: 1*1 + 2*0.5 = 2 ; row1: NaN skipped -> 2*1 = 2 ; row2: all NaN -> NaN ; row3: 1*0 = 0
+    close(combine_rewards(r, w), [2.0, 2.0, NAN, 0.0])
+
+
+def test_combine_rewards_errors():
+    with pytest.raises(ValueError):
+        combine_rewards(torch.zeros(3, 2), torch.ones(3))
+
+
+# --------------------------------------------------------------------------- kl_penalty
+
+def test_kl_estimators_hand():
+    logp, ref = T([[0.0, -1.0, -2.0]]), T([[-1.0, -1.0, 0.0]])
+    # d = logp - ref = [1, 0, -2]
+    close(kl_penalty(logp, ref, "k1"), [[1.0, 0.0, -2.0]])
+    close(kl_penalty(logp, ref, "k2"), [[0.5, 0.0, 2.0]])             # d^2 / 2
+    # x = ref - logp = [-1, 0, 2]; exp(x) - x - 1 = [e^-1 + 1 - 1, 0, e^2 - 3]
+    close(kl_penalty(logp, ref, "k3"), [[math.exp(-1), 0.0, math.exp(2) - 3]])
+    for alias, name in [("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")]:
+        assert KL_ESTIMATORS[alias] is KL_ESTIMATORS[name]
+
+
+def test_kl_k3_clamp_hand():
+    logp, ref = T([[0.0, -100.0]], dtype=torch.float32), T([[-30.0, 0.0]], dtype=torch.float32)
+    # x = [-30, 100] -> clamped [-10, 10]: e^-10 + 10 - 1 = 9.0000454 ; e^10 - 10 - 1 = 22015.4658
+    close(kl_penalty(logp, ref, "k3", clamp=10.0), [[9.000045399929762, 22015.465794806718]], tol=1e-5)
+    # without the clamp e^100 overflows fp32
+    assert torch.isinf(kl_penalty(logp, ref, "k3", clamp=None)[0, 1])
+
+
+def test_kl_k3_gradient_hand():
+    logp = T([[0.0, 0.0]], requires_grad=True)
+    ref = T([[-1.0, -30.0]])
+    kl_penalty(logp, ref, "k3", clamp=10.0).sum().backward()
+    # d/dlogp [e^(ref-logp) - (ref-logp) - 1] = 1 - e^(ref-logp) = 1 - e^-1 = 0.632121 ; clamped -> 0
+    close(logp.grad, [[1 - math.exp(-1), 0.0]])
+
+
+def test_kl_unknown():
+    with pytest.raises(ValueError, match="valid names"):
+        kl_penalty(torch.zeros(1, 1), torch.zeros(1, 1), "k4")
+
+
+# --------------------------------------------------------------------------- policy_loss
+
+def _lp(ratios, requires_grad=True):
+    """logp with old_logp = 0 so that exp(logp - old_logp) = ratio."""
+    lp = torch.log(T(ratios))
+    return lp.requires_grad_(requires_grad)
+
+
+RATIOS = [0.5, 0.9, 1.0, 1.1, 1.5]
+
+
+def test_policy_loss_token_hand():
+    logp = _lp([RATIOS, RATIOS])
+    old = torch.zeros_like(logp)
+    adv = T([1.0, -1.0])
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    loss, m = policy_loss(logp, old, adv, mask, 0.2, 0.2)
+    # A=+1: -min(r, clip(r, .8, 1.2)) = -[0.5, 0.9, 1, 1.1, min(1.5,1.2)=1.2]
+    # A=-1: -min(-r, -clip(r)) = max(r, clip(r)) = [max(.5,.8)=.8, .9, 1, 1.1, max(1.5,1.2)=1.5]
+    close(loss, [[-0.5, -0.9, -1.0, -1.1, -1.2], [0.8, 0.9, 1.0, 1.1, 1.5]])
+    close(m["clipfrac_low"], 0.1)   # only (A<0, r=0.5<0.8): 1 of 10 tokens
+    close(m["clipfrac_high"], 0.1)  # only (A>0, r=1.5>1.2): 1 of 10
+    close(m["ratio_mean"], 1.0)     # 2 * (0.5+0.9+1+1.1+1.5) / 10 = 10/10
+    close(m["ratio_min"], 0.5)
+    close(m["ratio_max"], 1.5)
+    assert "clipfrac_dual" not in m
+    loss.sum().backward()
+    # d(-r A)/dlogp = -A r where the unclipped branch is active, 0 on clipped tokens
+    close(logp.grad, [[-0.5, -0.9, -1.0, -1.1, 0.0], [0.0, 0.9, 1.0, 1.1, 1.5]])
+
+
+def test_policy_loss_clip_higher_hand():
+    logp = _lp([[1.25, 1.3]])
+    loss, m = policy_loss(logp, torch.zeros_like(logp), T([1.0]), torch.ones(1, 2), eps_low=0.2, eps_high=0.28)
+    # upper bound 1.28: r=1.25 unclipped -> -1.25 ; r=1.3 -> -1.28
+    close(loss, [[-1.25, -1.28]])
+    close(m["clipfrac_high"], 0.5)
+    loss.sum().backward()
+    close(logp.grad, [[-1.25, 0.0]])
+
+
+def test_policy_loss_dual_clip_hand():
+    logp = _lp([[0.5, 2.0, 4.0], [0.5, 2.0, 4.0]])
+    adv = T([-2.0, 2.0])
+    loss, m = policy_loss(logp, torch.zeros_like(logp), adv, torch.ones(2, 3), 0.2, 0.2, dual_clip=3.0)
+    # A=-2: PPO loss = 2 * max(r, clip(r)) = [2*.8=1.6, 2*2=4, 2*4=8]; dual cap -c A = 6 -> [1.6, 4, 6]
+    # A=+2: -2 * min(r, clip(r)) = [-1.0, -2.4, -2.4] (dual clip never touches A > 0)
+    close(loss, [[1.6, 4.0, 6.0], [-1.0, -2.4, -2.4]])
+    close(m["clipfrac_dual"], 1 / 6)   # (A<0, r=4 > 3): 1 of 6
+    close(m["clipfrac_low"], 1 / 6)    # (A<0, r=0.5)
+    close(m["clipfrac_high"], 2 / 6)   # (A>0, r=2 and r=4)
+    loss.sum().backward()
+    # A=-2: r=.5 clipped -> 0 ; r=2: -A r = 4 ; r=4 dual-capped -> 0.  A=+2: r=.5: -A r = -1 ; others clipped
+    close(logp.grad, [[0.0, 4.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
+def test_policy_loss_mask_garbage_and_on_policy():
+    logp = T([[-0.3, float("-inf")], [-0.2, NAN]], requires_grad=True)
+    mask = T([[1, 0], [1, 0]]).bool()
+    adv = T([2.0, -1.0])
+    loss, m = policy_loss(logp, None, adv, mask)   # old_logp None -> ratio 1
+    # ratio 1 -> loss = -A on valid tokens, 0 on padding
+    close(loss, [[-2.0, 0.0], [1.0, 0.0]])
+    close(m["ratio_mean"], 1.0)
+    loss.sum().backward()
+    close(logp.grad, [[-2.0, 0.0], [1.0, 0.0]])   # -A r, finite zeros on padding
+
+
+def test_policy_loss_errors():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(x, x, torch.zeros(1), x, dual_clip=1.0)
+    with pytest.raises(ValueError, match="valid names"):
+        policy_loss(x, x, torch.zeros(1), x, ratio_level="tokens")
+    assert RATIO_LEVELS["gspo"] is RATIO_LEVELS["sequence"] is RATIO_LEVELS["sequence_token"]
+
+
+def test_policy_loss_gspo_hand():
+    # seq0: mask [1,1,0], log ratios [ln2, 0, 5 (padding: ignored)] -> mean = ln2/2 -> s0 = sqrt(2) = 1.414214
+    # seq1: mask [1,1,1], log ratios [ln2, -ln2, 0] -> mean 0 -> s1 = 1
+    logp = T([[LN2, 0.0, 5.0], [LN2, -LN2, 0.0]], requires_grad=True)
+    mask = T([[1, 1, 0], [1, 1, 1]]).bool()
+    adv = T([-1.0, 1.0])
+    loss, m = policy_loss(logp, torch.zeros_like(logp), adv, mask, 0.2, 0.2, ratio_level="sequence")
+    s = math.sqrt(2)
+    # seq0 A=-1: max(s, clip(s)=1.2) = s on both valid tokens ; seq1 A=+1: -min(1, 1) = -1
+    close(loss, [[s, s, 0.0], [-1.0, -1.0, -1.0]])
+    close(m["ratio_mean"], (2 * s + 3) / 5)   # 1.165685 (token-weighted)
+    close(m["ratio_max"], s)
+    close(m["ratio_min"], 1.0)
+    close(m["clipfrac_low"], 0.0)
+    close(m["clipfrac_high"], 0.0)
+    loss.sum().backward()
+    # GSPO-token: d/dlogp_t [-A sg(s) exp(logp_t - sg(logp_t))] = -A s at each valid token
+    close(logp.grad, [[s, s, 0.0], [-1.0, -1.0, -1.0]])
+
+    # same sequence with A=+1: s = 1.414 > 1.2 is clipped -> loss -1.2 at every token, zero gradient
+    logp.grad = None
+    loss, m = policy_loss(logp, torch.zeros_like(logp), T([1.0, 1.0]), mask, ratio_level="sequence")
+    close(loss[0], [-1.2, -1.2, 0.0])
+    close(m["clipfrac_high"], 2 / 5)
+    loss.sum().backward()
+    close(logp.grad[0], [0.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_gspo_equals_grpo_at_ratio_one(mode, dual):
+    # With old_logp = logp every token ratio r_t = 1 and every sequence ratio s_i = 1, so both
+    # levels give loss -A and d loss_t / d logp_t = -A * 1: identical values and gradients for
+    # every aggregation (the first GRPO step after sampling is on-policy).
+    g = torch.Generator().manual_seed(0)
+    logp0 = torch.randn(5, 7, generator=g, dtype=torch.float64) - 2
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 7, generator=g) > 0.3
+    out = {}
+    for level in ["token", "sequence"]:
+        lp = logp0.clone().requires_grad_(True)
+        loss, _ = policy_loss(lp, lp.detach(), adv, mask, dual_clip=dual, ratio_level=level)
+        agg = aggregate_loss(loss, mask, mode, max_completion_length=7)
+        agg.backward()
+        out[level] = (agg.detach(), lp.grad)
+    close(out["token"][0], out["sequence"][0], tol=1e-12)
+    close(out["token"][1], out["sequence"][1], tol=1e-12)
+
+
+# --------------------------------------------------------------------------- grpo_token_loss
+
+def test_grpo_token_loss_hand():
+    logp = T([[0.0, -1.0]], requires_grad=True)
+    ref = T([[-1.0, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, m = grpo_token_loss(logp, logp.detach(), ref, T([1.0]), mask, beta=0.1)
+    # pg: ratio 1, A=1 -> -1 each. k3: x = ref - logp = [-1, 0] -> [e^-1, 0] = [0.367879, 0]
+    # loss = [-1 + 0.1*0.367879, -1] = [-0.963212, -1]; kl_mean = 0.367879 / 2 = 0.183940
+    close(loss, [[-1 + 0.1 * math.exp(-1), -1.0]])
+    close(m["kl_mean"], math.exp(-1) / 2)
+    loss.sum().backward()
+    # d/dlogp_0 = -A r + beta (1 - e^(ref-logp)) = -1 + 0.1 * (1 - e^-1) = -0.936788
+    close(logp.grad, [[-1 + 0.1 * (1 - math.exp(-1)), -1.0]])
+
+
+def test_grpo_token_loss_beta_zero_and_no_ref():
+    logp = T([[0.0, -1.0]], requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, m = grpo_token_loss(logp, None, T([[-1.0, -1.0]]), T([1.0]), mask, beta=0.0)
+    close(loss, [[-1.0, -1.0]])                     # no KL term in the loss ...
+    close(m["kl_mean"], math.exp(-1) / 2)           # ... but it is still monitored
+    loss2, m2 = grpo_token_loss(logp, None, None, T([1.0]), mask, beta=0.1)
+    close(loss2, [[-1.0, -1.0]])
+    close(m2["kl_mean"], 0.0)
+
+
+def test_grpo_token_loss_garbage_ref_on_padding():
+    logp = T([[-0.5, 0.0]], requires_grad=True)
+    ref = T([[-0.5, float("inf")]])
+    loss, m = grpo_token_loss(logp, None, ref, T([1.0]), T([[1, 0]]), beta=0.5, kl_estimator="k3")
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    close(m["kl_mean"], 0.0)
+
+
+# --------------------------------------------------------------------------- aggregate_loss
+
+LOSS = [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0], [7.0, 0.0, 0.0, 0.0]]
+MASK = [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]   # third sequence empty (its 7.0 is padding garbage)
+
+
+def test_aggregate_hand():
+    loss, mask = T(LOSS), T(MASK).bool()
+    # seq means: (1+2+3+4)/4 = 2.5, (5+6)/2 = 5.5, empty excluded -> (2.5 + 5.5) / 2 = 4.0
+    close(aggregate_loss(loss, mask, "seq_mean_token_mean"), 4.0)
+    close(aggregate_loss(loss, mask, "grpo"), 4.0)
+    # token mean: (1+2+3+4+5+6) / 6 = 21/6 = 3.5 ; with a global count of 12 tokens: 21/12 = 1.75
+    close(aggregate_loss(loss, mask, "token_mean"), 3.5)
+    close(aggregate_loss(loss, mask, "dapo", num_tokens=12), 1.75)
+    close(aggregate_loss(loss, mask, "bnpo", num_tokens=torch.tensor(12)), 1.75)
+    # Dr. GRPO: 21 / (3 sequences * L) ; L = 4 -> 1.75 ; L = 8 -> 0.875
+    close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm", max_completion_length=4), 1.75)
+    close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=8), 0.875)
+    close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=4, num_sequences=6), 0.875)  # 21/24
+
+
+def test_aggregate_microbatch_split_hand():
+    loss, mask = T(LOSS), T(MASK).bool()
+    parts = [(loss[:1], mask[:1]), (loss[1:], mask[1:])]
+    # token_mean with per-call counts: 10/4 + 11/2 = 8.0 (and their mean 4.0) != 3.5 = full batch ...
+    local = sum(aggregate_loss(l, m, "token_mean") for l, m in parts)
+    close(local, 8.0)
+    # ... with the global count 6: 10/6 + 11/6 = 21/6 = 3.5
+    close(sum(aggregate_loss(l, m, "token_mean", num_tokens=6) for l, m in parts), 3.5)
+    # Dr. GRPO with num_sequences=3 (global), L=4: 10/12 + 11/12 = 1.75
+    close(sum(aggregate_loss(l, m, "dr_grpo", num_sequences=3, max_completion_length=4) for l, m in parts), 1.75)
+    # seq-mean with the global number of non-empty sequences (2): 2.5/2 + 5.5/2 = 4.0
+    close(sum(aggregate_loss(l, m, "grpo", num_sequences=2) for l, m in parts), 4.0)
+
+
+@pytest.mark.parametrize("mode", sorted(LOSS_AGGREGATIONS))
+def test_aggregate_empty_is_zero(mode):
+    loss = torch.full((2, 3), NAN)
+    out = aggregate_loss(loss, torch.zeros(2, 3, dtype=torch.bool), mode, max_completion_length=3)
+    assert out.item() == 0.0
+
+
+def test_aggregate_errors():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="valid names.*dr_grpo.*grpo.*seq_mean_token_mean.*token_mean"):
+        aggregate_loss(x, x, "mean")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        aggregate_loss(x, x, "dr_grpo")
+
+
+# --------------------------------------------------------------------------- masked_mean
+
+def test_masked_mean_hand():
+    x = T([[1.0, 2.0], [3.0, NAN], [5.0, 6.0]])
+    mask = T([[1, 0], [1, 0], [0, 0]])
+    close(masked_mean(x, mask), 2.0)                  # (1 + 3) / 2
+    close(masked_mean(x, mask, dim=-1), [1.0, 3.0, 0.0])   # empty row -> 0, NaN padding ignored
+
+
+# --------------------------------------------------------------------------- logits helpers
+
+def test_selective_log_softmax_hand():
+    logits = T([[[0.0, 0.0, LN2], [0.0, 0.0, LN2]]], requires_grad=True)   # (1, 2, 3)
+    idx = torch.tensor([[2, 0]])
+    out = selective_log_softmax(logits, idx)
+    # softmax([0, 0, ln2]) = [1, 1, 2] / 4 -> log p[2] = ln 0.5 = -0.693147 ; log p[0] = ln 0.25 = -1.386294
+    close(out, [[math.log(0.5), math.log(0.25)]])
+    out.sum().backward()
+    # d log p_k / dz = onehot(k) - p
+    close(logits.grad, [[[-0.25, -0.25, 0.5], [0.75, -0.25, -0.5]]])
+    # temperature 2: z/2 = [0, 0, ln2/2] -> exp = [1, 1, sqrt2] -> p[2] = 1.414214/3.414214 = 0.414214
+    close(selective_log_softmax(logits.detach(), idx, temperature=2.0)[0, 0], -0.8813735870195429)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_log_softmax_matches_full(chunk, temperature):
+    g = torch.Generator().manual_seed(chunk)
+    logits = (3 * torch.randn(3, 5, 50, generator=g)).requires_grad_(True)
+    idx = torch.randint(0, 50, (3, 5), generator=g)
+    w = torch.randn(3, 5, generator=g)
+    out = selective_log_softmax(logits, idx, chunk_size=chunk, temperature=temperature)
+    (out * w).sum().backward()
+    g1 = logits.grad.clone()
+    logits.grad = None
+    ref = torch.log_softmax(logits / temperature, -1).gather(-1, idx[..., None]).squeeze(-1)
+    (ref * w).sum().backward()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(g1, logits.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_selective_log_softmax_bf16_and_errors():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 30, generator=g).bfloat16()
+    idx = torch.randint(0, 30, (2, 4), generator=g)
+    out = selective_log_softmax(logits, idx, chunk_size=3)
+    assert out.dtype == torch.float32   # fp32 accumulation for low-precision logits
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, idx[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError):
+        selective_log_softmax(logits, idx[:, :2])
+    with pytest.raises(ValueError):
+        selective_log_softmax(logits, idx, temperature=0.0)
+
+
+def test_selective_log_softmax_gradcheck():
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 6, (2, 3))
+    assert torch.autograd.gradcheck(lambda z: selective_log_softmax(z, idx, chunk_size=4, temperature=0.6), (x,))
+
+
+def test_entropy_hand_and_reference():
+    logits = T([[[0.0, 0.0, LN2, float("-inf")], [0.0, 0.0, 0.0, 0.0]]])
+    # p = [1/4, 1/4, 1/2, 0]: H = 2 * (1/4) ln 4 + (1/2) ln 2 = 0.5*1.386294 + 0.5*0.693147 = 1.039721
+    # uniform over 4: ln 4 = 1.386294
+    close(entropy_from_logits(logits, chunk_size=1), [[1.0397207708399179, math.log(4)]])
+    g = torch.Generator().manual_seed(3)
+    z = 4 * torch.randn(3, 5, 40, generator=g)
+    ref = torch.distributions.Categorical(logits=z / 0.8).entropy()
+    torch.testing.assert_close(entropy_from_logits(z, chunk_size=4, temperature=0.8), ref, atol=1e-5, rtol=1e-5)
