@@ -1,0 +1,235 @@
+"""Procedural H&E-like pathology tiles whose features are known by construction, with graded
+multiple-choice questions, reference answers and evaluation criteria derived from that truth.
+
+Each tile has five independent, uniformly drawn attributes: nuclear size (small/large),
+cellularity (low/high nuclear density), staining (pale/dark), pleomorphism (mild/marked: variable
+size and irregular shape) and mitoses (absent/present). Its question is drawn by difficulty:
+
+* easy (2 options): size, staining, or cellularity alone;
+* medium (4 options): size x cellularity, or size x staining;
+* hard: mitoses present? pleomorphism? (2 options, small or subtle cues) or a 3-option toy
+  grade that scores one point each for large nuclei, marked pleomorphism and mitoses (loosely
+  after the Nottingham idea of summing nuclear and mitotic scores; not a clinical grade).
+
+Option order is fixed per question family so a tiny model can learn letter = visual class;
+answers are balanced because attributes are uniform. Measured on a 1.1M-parameter Qwen2.5-VL from
+random init (see docs/data.md): size 100% after 100 SFT steps, 4-way size x count 97% after ~700.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+GENERATOR_VERSION = "p2"
+
+
+@dataclass(frozen=True)
+class PathologyConfig:
+    """Rendering and question-mix settings (pixels for a ``image_size`` square tile)."""
+
+    image_size: int = 112  # multiple of 28 (Qwen2.5-VL patch 14 x merge 2)
+    small_radius: tuple[float, float] = (2.2, 3.0)
+    large_radius: tuple[float, float] = (4.6, 5.8)
+    low_count: tuple[int, int] = (8, 14)
+    high_count: tuple[int, int] = (30, 42)
+    pale_rgb: tuple[int, int, int] = (150, 118, 196)
+    dark_rgb: tuple[int, int, int] = (58, 26, 104)
+    mitosis_rgb: tuple[int, int, int] = (25, 8, 40)
+    stroma_rgb: tuple[int, int, int] = (238, 176, 206)
+    difficulty_mix: tuple[tuple[str, float], ...] = (("easy", 0.4), ("medium", 0.35),
+                                                      ("hard", 0.25))
+
+
+FAMILIES = {"easy": ("size", "stain", "density"), "medium": ("size_density", "size_stain"),
+            "hard": ("mitosis", "pleomorphism", "grade")}
+WORDS = {  # attribute value -> option phrase
+    "size": {"small": "small nuclei", "large": "large nuclei"},
+    "density": {"low": "low cellularity", "high": "high cellularity"},
+    "stain": {"pale": "pale (vesicular) nuclei", "dark": "dark (hyperchromatic) nuclei"},
+    "pleomorphism": {"mild": "mild pleomorphism (uniform nuclei)",
+                     "marked": "marked pleomorphism (variable size and shape)"},
+    "mitosis": {"absent": "no mitotic figures", "present": "mitotic figures present"},
+}
+VALUES = {name: tuple(words) for name, words in WORDS.items()}
+GRADES = ("low grade", "intermediate grade", "high grade")
+QUESTIONS = {
+    "size": "What is the predominant nuclear size in this H&E tile?",
+    "stain": "How intensely are the nuclei stained in this H&E tile?",
+    "density": "What is the cellularity (density of nuclei) of this H&E tile?",
+    "size_density": "Which description fits the nuclei in this H&E tile?",
+    "size_stain": "Which description fits the nuclei in this H&E tile?",
+    "mitosis": "Are mitotic figures (very dark, clumped, spiky nuclei) present in this H&E tile?",
+    "pleomorphism": "What is the degree of nuclear pleomorphism in this H&E tile?",
+    "grade": ("Score one point each for large nuclei, marked pleomorphism and mitotic figures; "
+              "0-1 points is low grade, 2 intermediate grade, 3 high grade. What is the grade "
+              "of this H&E tile?"),
+}
+
+
+def sample_truth(rng: np.random.Generator, config: PathologyConfig) -> dict:
+    """Draw the tile's attributes (uniform and independent) and its concrete numbers."""
+    truth = {name: str(rng.choice(values)) for name, values in VALUES.items()}
+    low, high = config.low_count if truth["density"] == "low" else config.high_count
+    truth["n_nuclei"] = int(rng.integers(low, high + 1))
+    truth["n_mitoses"] = int(rng.integers(1, 4)) if truth["mitosis"] == "present" else 0
+    truth["grade_points"] = ((truth["size"] == "large") + (truth["pleomorphism"] == "marked")
+                             + (truth["mitosis"] == "present"))
+    return truth
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a random cells x cells grid upsampled bilinearly."""
+    grid = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8), "L")
+    return np.asarray(grid.resize((size, size), Image.Resampling.BILINEAR), np.float32) / 255
+
+
+def _background(rng, config: PathologyConfig) -> np.ndarray:
+    size = config.image_size
+    base = np.array(config.stroma_rgb, np.float32)
+    shade = 0.86 + 0.14 * _smooth_noise(rng, size, 6)[..., None]    # uneven eosin
+    fibres = 0.94 + 0.06 * _smooth_noise(rng, size, 28)[..., None]  # fine stromal texture
+    image = base * shade * fibres + 4 * rng.standard_normal((size, size, 3), np.float32)
+    return image.astype(np.float32)
+
+
+def _blob(image, cy, cx, radius, ratio, angle, wobble, rgb, rng) -> float:
+    """Alpha-blend one nucleus (an ellipse with a wavy outline) into ``image``; returns its
+    area in pixels. Vectorised over a local bounding box."""
+    size = image.shape[0]
+    reach = int(np.ceil(radius * (1 + wobble) + 2))
+    y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
+    x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
+    if y0 >= y1 or x0 >= x1:
+        return 0.0
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    cos, sin = np.cos(angle), np.sin(angle)
+    u, v = dx * cos + dy * sin, (-dx * sin + dy * cos) / ratio
+    edge = radius
+    if wobble > 0:  # the angle is only needed for wavy outlines
+        theta = np.arctan2(v, u)
+        edge = radius * (1 + wobble * np.sin(3 * theta + rng.uniform(0, 6.3))
+                         * np.cos(2 * theta + rng.uniform(0, 6.3)))
+    alpha = np.clip(edge - np.hypot(u, v) + 0.5, 0, 1)[..., None]  # 1-px soft edge
+    texture = 1 + 0.08 * rng.standard_normal(alpha.shape[:2], np.float32)[..., None]   # chromatin grain
+    patch = image[y0:y1, x0:x1]
+    patch[:] = patch * (1 - alpha) + np.asarray(rgb, np.float32) * texture * alpha
+    return float(alpha.sum())
+
+
+def _mitosis(image, cy, cx, rgb, rng) -> None:
+    """A metaphase-like figure: a dense dark bar with short spikes (chromosomes) on both sides."""
+    angle = rng.uniform(0, np.pi)
+    _blob(image, cy, cx, 4.0, 0.35, angle, 0.05, rgb, rng)
+    for _ in range(6):
+        t = rng.uniform(-3.5, 3.5)
+        side = rng.choice([-1, 1]) * rng.uniform(1.5, 2.5)
+        y = cy + t * np.sin(angle) + side * np.cos(angle)
+        x = cx + t * np.cos(angle) - side * np.sin(angle)
+        _blob(image, y, x, 0.9, 1.0, 0.0, 0.0, rgb, rng)
+
+
+def render_tile(truth: dict, rng: np.random.Generator, config: PathologyConfig) -> Image.Image:
+    """Draw the tile for ``truth``; records the measured mean nuclear radius in ``truth``."""
+    image = _background(rng, config)
+    size = config.image_size
+    r_low, r_high = config.small_radius if truth["size"] == "small" else config.large_radius
+    marked = truth["pleomorphism"] == "marked"
+    rgb = np.array(config.dark_rgb if truth["stain"] == "dark" else config.pale_rgb, np.float32)
+    radii = []
+    for _ in range(truth["n_nuclei"]):
+        radius = rng.uniform(r_low, r_high)
+        if marked:  # variable size, elongated, wavy outline
+            radius *= float(np.clip(rng.lognormal(0, 0.3), 0.6, 1.6))
+        ratio = rng.uniform(0.45, 0.9) if marked else rng.uniform(0.8, 1.0)
+        wobble = rng.uniform(0.12, 0.25) if marked else 0.0
+        shade = rgb * rng.uniform(0.92, 1.08)
+        _blob(image, rng.uniform(2, size - 2), rng.uniform(2, size - 2), radius, ratio,
+              rng.uniform(0, np.pi), wobble, shade, rng)
+        radii.append(radius * np.sqrt(ratio))  # radius of the circle of equal area
+    for _ in range(truth["n_mitoses"]):
+        _mitosis(image, rng.uniform(8, size - 8), rng.uniform(8, size - 8),
+                 config.mitosis_rgb, rng)
+    truth["mean_radius_px"] = round(float(np.mean(radii)), 2)
+    truth["radius_cv"] = round(float(np.std(radii) / np.mean(radii)), 3)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
+
+
+# --- questions -------------------------------------------------------------------------------
+
+def _fact(attribute: str, truth: dict) -> str:
+    """A short factual phrase with the key words a rubric judge can match."""
+    value = truth[attribute]
+    return {
+        "size": f"the nuclei are {value} (mean diameter about "
+                f"{2 * truth.get('mean_radius_px', 0):.0f} px)",
+        "density": f"cellularity is {value} (about {truth['n_nuclei']} nuclei in the tile)",
+        "stain": f"the nuclei are {'darkly' if value == 'dark' else 'palely'} stained "
+                 f"({'hyperchromatic' if value == 'dark' else 'vesicular'})",
+        "pleomorphism": (f"pleomorphism is {value}: nuclei are "
+                         + ("variable in size and irregular in shape" if value == "marked"
+                            else "uniform, round and regular")),
+        "mitosis": ("mitotic figures are present (" + str(truth["n_mitoses"]) + " seen)"
+                    if value == "present" else "no mitotic figures are seen"),
+    }[attribute]
+
+
+def _options_and_answer(family: str, truth: dict) -> tuple[list[str], str, tuple[str, ...]]:
+    """Options (fixed order), the correct one, and the attributes the question is about."""
+    if family in WORDS:
+        return list(WORDS[family].values()), WORDS[family][truth[family]], (family,)
+    if family == "grade":
+        grade = GRADES[max(truth["grade_points"] - 1, 0)]
+        return list(GRADES), grade, ("size", "pleomorphism", "mitosis")
+    first, second = family.split("_")
+    options = [f"{WORDS[first][a]}, {WORDS[second][b]}"
+               for a in VALUES[first] for b in VALUES[second]]
+    return options, f"{WORDS[first][truth[first]]}, {WORDS[second][truth[second]]}", (first,
+                                                                                       second)
+
+
+def _criteria(family: str, truth: dict, options: list[str], answer: str, attrs) -> list[str]:
+    facts = [_fact(a, truth) for a in attrs]
+    if family == "grade":
+        facts.append(f"the score is {truth['grade_points']} of 3 points, so the tile is {answer}")
+    for letter, option in zip("ABCD", options):
+        if option == answer:
+            continue
+        if family == "grade":
+            why = f"the score is {truth['grade_points']}"
+        else:  # name the attribute(s) that rule this option out
+            wrong = [a for a in attrs if WORDS[a][truth[a]] not in option]
+            why = " and ".join(_fact(a, truth) for a in wrong)
+        facts.append(f"option {letter} ({option}) is excluded because {why}")
+    return facts
+
+
+def make_question(family: str, truth: dict) -> dict:
+    options, answer, attrs = _options_and_answer(family, truth)
+    return {"question": QUESTIONS[family], "options": options, "answer": answer,
+            "criteria": _criteria(family, truth, options, answer, attrs)}
+
+
+def pick_family(rng: np.random.Generator, config: PathologyConfig) -> tuple[str, str]:
+    names = [name for name, _ in config.difficulty_mix]
+    weights = np.array([w for _, w in config.difficulty_mix], float)
+    difficulty = str(rng.choice(names, p=weights / weights.sum()))
+    return difficulty, str(rng.choice(FAMILIES[difficulty]))
+
+
+def generate_item(seed: int, index: int, config: PathologyConfig = PathologyConfig()):
+    """Tile ``index`` of the stream for ``seed``: (PIL image, question dict, truth, difficulty).
+
+    Each item has its own generator seeded by (seed, index), so the first n items are the same
+    whatever total is generated, and any item can be regenerated on its own.
+    """
+    rng = np.random.default_rng([seed, index, 1])
+    truth = sample_truth(rng, config)
+    difficulty, family = pick_family(rng, config)
+    image = render_tile(truth, rng, config)
+    question = make_question(family, truth)
+    return image, question, truth, {"difficulty": difficulty, "task": family}
