@@ -1,0 +1,17 @@
+"""Rewards for GRPO on vision-language models (PathVLM-R1): accuracy, format, and the
+cross-modal process reward scored by an LLM judge. See docs/rewards.md."""
+from rewards.accuracy import AccuracyReward
+from rewards.base import AsyncReward, Reward, RewardError, RewardSample
+from rewards.format_reward import FormatReward
+from rewards.judge_client import JudgeClient, JudgeError
+from rewards.judge_config import JudgeConfig
+from rewards.judge_parse import Verdict, VerdictError, parse_verdict
+from rewards.judge_prompt import PromptTemplate, default_template
+from rewards.process import ProcessReward
+from rewards.runner import score_all
+
+__all__ = [
+    "AccuracyReward", "AsyncReward", "FormatReward", "JudgeClient", "JudgeConfig", "JudgeError",
+    "ProcessReward", "PromptTemplate", "Reward", "RewardError", "RewardSample", "Verdict",
+    "VerdictError", "default_template", "parse_verdict", "score_all",
+]

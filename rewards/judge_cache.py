@@ -1,0 +1,63 @@
+"""A persistent content-hash cache of judgments (SQLite, one row per judgment).
+
+Each row is committed before :meth:`JudgmentCache.put` returns (autocommit, ``synchronous=FULL``),
+so a judgment paid for survives a crash right after it. Several training processes may share one
+file: SQLite serialises the writers. Rows hold only scores, rationale, model and prompt version
+-- never request headers, so never the API key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+
+from rewards.judge_parse import Verdict
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS judgments (
+    key TEXT PRIMARY KEY, integrity REAL NOT NULL, knowledge REAL NOT NULL, rationale TEXT,
+    model TEXT, prompt_version TEXT, created REAL)"""
+
+
+def cache_key(*, prompt_version: str, prompt_fingerprint: str, model: str, image_hashes: list[str],
+              question: str, options: list[str] | None, completion: str, reference: str,
+              criteria: list[str]) -> str:
+    """sha256 over everything that determines the verdict."""
+    blob = json.dumps(["judgment-v1", prompt_version, prompt_fingerprint, model, image_hashes,
+                       question, options, completion, reference, criteria], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class JudgmentCache:
+    """``get``/``put`` verdicts by key; ``path=None`` keeps them in memory for this process."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path or ":memory:", timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        if path:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+
+    def get(self, key: str) -> Verdict | None:
+        with self._lock:
+            row = self._db.execute("SELECT integrity, knowledge, rationale FROM judgments WHERE key=?",
+                                   (key,)).fetchone()
+        return Verdict(row[0], row[1], row[2] or "") if row else None
+
+    def put(self, key: str, verdict: Verdict, *, model: str, prompt_version: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (key, verdict.integrity, verdict.knowledge, verdict.rationale, model,
+                              prompt_version, time.time()))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

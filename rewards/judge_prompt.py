@@ -1,0 +1,122 @@
+"""The versioned judge prompt and its delimited sections.
+
+The template (``rewards/prompts/process_v1.txt``) holds the instructions; the renderer turns each
+field of a sample into a *section*::
+
+    <<<COMPLETION 3f9c0a1b2c4d5e6f>>>
+    ...the policy's text...
+    <<<END COMPLETION 3f9c0a1b2c4d5e6f>>>
+
+The id is a hash of the whole request, so text inside the completion cannot forge a marker with
+the right id (it would have to contain its own hash). The rubric judge reads the id from the
+*last* ``END COMPLETION`` marker, which is always the real one because any forged marker sits
+inside the real completion section.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_DIR = Path(__file__).parent / "prompts"
+SECTIONS = ("QUESTION", "OPTIONS", "REFERENCE", "CRITERIA", "COMPLETION")
+REQUIRED_PLACEHOLDERS = ("question", "reference", "criteria", "completion")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A judge prompt: ``version`` (goes into the cache key), a system and a user message.
+
+    The user message uses ``$question``, ``$options``, ``$reference``, ``$criteria`` and
+    ``$completion`` placeholders, each replaced by a delimited section.
+    """
+
+    version: str
+    system: str
+    user: str
+
+    def __post_init__(self) -> None:
+        if not self.version.strip():
+            raise ValueError("PromptTemplate.version must be non-empty (it keys the judgment cache)")
+        names = {m.group("named") or m.group("braced")
+                 for m in string.Template.pattern.finditer(self.user)}
+        missing = [p for p in REQUIRED_PLACEHOLDERS if p not in names]
+        if missing:
+            raise ValueError(f"PromptTemplate.user is missing placeholder(s) {', '.join('$' + p for p in missing)};"
+                             " the judge cannot grade without them")
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the full template text, so an edited template never reuses stale judgments."""
+        blob = json.dumps([self.version, self.system, self.user]).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "PromptTemplate":
+        """Read the ``version:`` / ``=== system ===`` / ``=== user ===`` file format."""
+        text = Path(path).read_text(encoding="utf-8")
+        m = re.fullmatch(r"version:\s*(\S+)\s*\n=== system ===\n(.*?)\n=== user ===\n(.*)", text, re.DOTALL)
+        if m is None:
+            raise ValueError(f"{path}: expected 'version: X', '=== system ===' and '=== user ===' sections")
+        return cls(version=m.group(1), system=m.group(2).strip(), user=m.group(3).strip())
+
+
+def default_template() -> PromptTemplate:
+    """The paper's cross-modal process prompt, version ``process-v1``."""
+    return PromptTemplate.from_file(PROMPT_DIR / "process_v1.txt")
+
+
+def section(name: str, body: str, nonce: str) -> str:
+    return f"<<<{name} {nonce}>>>\n{body}\n<<<END {name} {nonce}>>>"
+
+
+def format_options(options: list[str] | None) -> str:
+    if not options:
+        return "(none: open question)"
+    return "\n".join(f"{string.ascii_uppercase[i]}) {o}" for i, o in enumerate(options[:26]))
+
+
+def format_criteria(criteria: list[str]) -> str:
+    return "\n".join(f"- {c}" for c in criteria) if criteria else "(none given)"
+
+
+def render_user_text(template: PromptTemplate, *, question: str, options: list[str] | None,
+                     reference: str, criteria: list[str], completion: str) -> str:
+    """The user message text with every field in its own delimited section."""
+    fields = {"QUESTION": question, "OPTIONS": format_options(options), "REFERENCE": reference,
+              "CRITERIA": format_criteria(criteria), "COMPLETION": completion}
+    nonce = hashlib.sha256(json.dumps([template.fingerprint, fields]).encode()).hexdigest()[:16]
+    values = {name.lower(): section(name, body, nonce) for name, body in fields.items()}
+    return string.Template(template.user).safe_substitute(values)
+
+
+def parse_sections(text: str) -> dict[str, str] | None:
+    """Inverse of :func:`render_user_text` (used by the rubric judge); None if malformed."""
+    ends = list(re.finditer(r"<<<END COMPLETION ([0-9a-f]{16})>>>", text))
+    if not ends:
+        return None
+    nonce = ends[-1].group(1)
+    out = {}
+    for name in SECTIONS:
+        m = re.search(rf"<<<{name} {nonce}>>>\n(.*?)\n<<<END {name} {nonce}>>>", text, re.DOTALL)
+        if m is None and name != "OPTIONS":
+            return None
+        out[name] = m.group(1) if m else ""
+    return out
+
+
+def parse_options(body: str) -> list[str] | None:
+    """Option texts back from an OPTIONS section (None for an open question)."""
+    if body.startswith("(none"):
+        return None
+    opts = [re.sub(r"^[A-Z]\) ", "", line) for line in body.split("\n") if line.strip()]
+    return opts or None
+
+
+def parse_criteria(body: str) -> list[str]:
+    if body.startswith("(none"):
+        return []
+    return [line[2:].strip() for line in body.split("\n") if line.startswith("- ") and line[2:].strip()]
