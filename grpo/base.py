@@ -1,0 +1,146 @@
+"""What the GRPO and SFT trainers share: model loading, the back-end, data order, the step loop,
+metrics logging, checkpoints and resume. A subclass implements ``training_step(step) -> metrics``."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from models.adapter import QwenVLAdapter
+
+from . import checkpoint as ckpt
+from .config import TrainingConfig
+from .engine import deepspeed_config, make_engine
+from .logprobs import CompletionLogProbs
+from .metrics import MetricsLog
+from .samples import default_prompt
+
+
+class BaseTrainer:
+    name = "train"
+
+    def __init__(self, model, args: TrainingConfig, train_dataset, processor=None, ref_model=None,
+                 adapter=None, prompt_fn=None, needs_ref: bool = False):
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty")
+        self.args, self.dataset = args, train_dataset
+        if isinstance(model, (str, Path)):
+            model, processor, ref_model = self._load(str(model), processor, ref_model, needs_ref)
+        if processor is None and adapter is None:
+            raise ValueError("pass processor= (models.load_processor(path)) or adapter=")
+        self.adapter = adapter or QwenVLAdapter(processor)
+        self.prompt_fn = prompt_fn or default_prompt
+        if needs_ref and ref_model is None:
+            import copy
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval()  # the starting policy
+        torch.manual_seed(args.seed)
+        ref = CompletionLogProbs(ref_model, args.logprob_chunk_size) if needs_ref else None
+        self.engine = make_engine(CompletionLogProbs(model, args.logprob_chunk_size), args, ref)
+        self.output_dir = Path(args.output_dir)
+        self.step = 0
+
+    def _load(self, path: str, processor, ref_model, needs_ref: bool):
+        from models.loading import ModelConfig, load_policy, load_processor, load_reference
+        cfg, keep_alive = ModelConfig(path), None
+        if self.args.deepspeed:
+            ds = json.loads(Path(self.args.deepspeed).read_text())
+            if ds.get("zero_optimization", {}).get("stage") == 3:
+                # ZeRO-3 models must be built partitioned: HfDeepSpeedConfig, alive while loading.
+                import torch.distributed as dist
+                from transformers.integrations import HfDeepSpeedConfig
+                world = dist.get_world_size() if dist.is_initialized() else 1
+                from transformers import AutoConfig
+                hidden = getattr(AutoConfig.from_pretrained(path).text_config, "hidden_size", None)
+                keep_alive = HfDeepSpeedConfig(deepspeed_config(self.args, world, hidden))
+        model = load_policy(cfg)
+        if ref_model is None and needs_ref:
+            ref_model = load_reference(cfg)
+        del keep_alive
+        return model, processor or load_processor(path), ref_model
+
+    # ---------------------------------------------------------------- data order
+    def items_for_round(self, round_idx: int, per_rank: int) -> list:
+        """This rank's ``per_rank`` items for round ``round_idx``: a seeded permutation per epoch,
+        sharded by rank. Stateless in the round index, so resuming needs no sampler state."""
+        world, rank, n = self.engine.world_size, self.engine.rank, len(self.dataset)
+        out, perms = [], {}
+        for j in range(per_rank):
+            epoch, pos = divmod((round_idx * world + rank) * per_rank + j, n)
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
+            out.append(self.dataset[int(perms[epoch][pos])])
+        return out
+
+    # ---------------------------------------------------------------- loop
+    def training_step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def can_save(self, step: int) -> bool:
+        return True
+
+    def progress(self, metrics: dict) -> dict:
+        return {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+
+    def train(self) -> list[dict]:
+        a = self.args
+        start = self._resume()
+        log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start if start else None,
+                         enabled=self.engine.is_main)
+        history = []
+        bar = tqdm(range(start, a.max_steps), initial=start, total=a.max_steps, desc=self.name,
+                   disable=not (a.progress_bar and self.engine.is_main))
+        for step in bar:
+            t0 = time.perf_counter()
+            metrics = self.mean_over_ranks(self.training_step(step))
+            metrics["time/step"] = time.perf_counter() - t0
+            self.step = step + 1
+            history.append(metrics)
+            if self.step % a.logging_steps == 0 or self.step == a.max_steps:
+                log.write(self.step, metrics)
+            bar.set_postfix(**self.progress(metrics))
+            periodic = a.save_steps and self.step % a.save_steps == 0
+            if self.can_save(self.step) and (periodic or self.step == a.max_steps):
+                self.save()
+        return history
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "config": asdict(self.args), "world_size": self.engine.world_size}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.engine, self.output_dir, self.step, self.trainer_state(),
+                                    self.args.save_total_limit)
+
+    def _resume(self) -> int:
+        where = self.args.resume_from_checkpoint
+        if where is None:
+            return 0
+        folder = ckpt.latest_checkpoint(self.output_dir) if where == "auto" else Path(where)
+        if folder is None:
+            return 0
+        state = ckpt.load_checkpoint(self.engine, folder)
+        if state["world_size"] != self.engine.world_size:
+            raise RuntimeError(f"{folder} was written by {state['world_size']} processes, this run has "
+                               f"{self.engine.world_size}: the data order would differ")
+        self.step = int(state["step"])
+        return self.step
+
+    def mean_over_ranks(self, metrics: dict) -> dict:
+        if self.engine.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        vals = self.engine.all_reduce_sum(vals) / self.engine.world_size
+        return dict(zip(keys, vals.tolist()))
+
+    def save_model(self, folder: str | Path) -> Path:
+        """The trained policy as a plain Hugging Face folder (weights, tokenizer, image processor)."""
+        folder = Path(folder)
+        self.engine.save_model(folder)
+        if self.engine.is_main:
+            self.adapter.processor.save_pretrained(folder)
+        self.engine.barrier()
+        return folder

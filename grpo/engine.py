@@ -1,0 +1,259 @@
+"""Two interchangeable back-ends for the trainer: plain PyTorch (one process) and DeepSpeed.
+
+Both expose the same small surface, so the trainer's loop does not branch on the back-end:
+``forward``, ``backward``, ``step`` (returns the grad norm, or None when the step was skipped),
+``generation_model()`` (a context yielding a model to call ``generate`` on: under ZeRO-3 the
+parameters are gathered once for the whole rollout instead of once per token), ``save``/``load``,
+and collectives that degrade to no-ops in one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainingConfig
+
+
+def lr_lambda(cfg: TrainingConfig):
+    """Multiplier on the base LR at a given optimizer step: warm-up, then constant/linear/cosine."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return f
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the policy has no trainable parameters (everything is frozen)")
+    return params
+
+
+class TorchEngine:
+    """One process, no DeepSpeed: AdamW, LambdaLR, grad clipping, non-finite step skipping."""
+
+    world_size, rank, is_main = 1, 0, True
+
+    def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, ref_module=None):
+        self.module, self.ref_module, self.cfg = module, ref_module, cfg
+        self.device = next(module.parameters()).device
+        self.optimizer = torch.optim.AdamW(trainable(module), lr=cfg.learning_rate,
+                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+
+    @property
+    def model(self):
+        """The Hugging Face model inside the log-prob wrapper."""
+        return self.module.model
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+    def ref_forward(self, **kw):
+        return self.ref_module(**kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float | None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(norm) and self.cfg.skip_nonfinite_steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @contextlib.contextmanager
+    def generation_model(self):
+        yield self.model
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def save(self, folder: Path) -> None:
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+        self.save_model(folder / "model")
+
+    def save_model(self, folder: Path) -> None:
+        """The policy as a Hugging Face folder (every rank calls this; rank 0 writes)."""
+        self.model.save_pretrained(folder)
+
+    def load(self, folder: Path) -> None:
+        # from_pretrained undoes the key renaming save_pretrained applies (transformers 5 saves
+        # "visual.*" for the module's "model.visual.*"), so load through it, then copy.
+        saved = type(self.model).from_pretrained(folder / "model", dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        del saved
+        opt = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+
+def _skip_shm_comm_build() -> None:
+    """On CPU, deepspeed.init_distributed JIT-compiles a shared-memory comm op (minutes on 2
+    cores, per fresh venv) that gloo does not need; replace the builder with a no-op."""
+    module = importlib.import_module("deepspeed.comm.torch")  # `import a.b.c as m` would bind torch
+    module.build_shm_op = lambda: None
+
+
+def deepspeed_config(cfg: TrainingConfig, world_size: int, hidden_size: int | None = None) -> dict:
+    """Load the user's DeepSpeed JSON and fill in the batch sizes and clipping from the trainer's
+    config, so the two never disagree. "auto" values and missing keys are filled; conflicting
+    values raise. Bucket sizes marked "auto" follow the model width (as the HF integration does)."""
+    ds = json.loads(Path(cfg.deepspeed).read_text())
+    bf16 = ds.get("bf16", {})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    zero = ds.get("zero_optimization", {})
+    h = hidden_size or 4096
+    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", 10 * h)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    wanted = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+              "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+              "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+              "gradient_clipping": cfg.max_grad_norm or 0.0}
+    for key, value in wanted.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"{cfg.deepspeed}: {key}={ds[key]} disagrees with the trainer config ({value}); "
+                             f"set it to \"auto\" or remove it")
+        ds[key] = value
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)  # allow a torch optimizer with offload
+    return ds
+
+
+class DeepSpeedEngine(TorchEngine):
+    """ZeRO stage 0/1/2/3 from a JSON config; the reference model as a ZeRO-3 inference engine."""
+
+    def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, ref_module=None):
+        import deepspeed
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            _skip_shm_comm_build()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.cfg, self.world_size, self.rank = cfg, dist.get_world_size(), dist.get_rank()
+        self.is_main = self.rank == 0
+        ds = deepspeed_config(cfg, self.world_size, _hidden_size(module))
+        self.zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+        module.sync_vision = self.zero_stage == 3
+        if ref_module is not None:
+            ref_module.sync_vision = self.zero_stage == 3
+        optimizer = torch.optim.AdamW(trainable(module), lr=cfg.learning_rate,
+                                      betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        self.module, self.device = self.engine, self.engine.device
+        self.ref_module = None
+        if ref_module is not None:
+            ref_ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
+            ref_ds["zero_optimization"] = {**ds.get("zero_optimization", {})}
+            ref_ds["zero_optimization"].pop("offload_optimizer", None)
+            self.ref_module, *_ = deepspeed.initialize(model=ref_module, config=ref_ds)
+
+    @property
+    def model(self):
+        return self.engine.module.model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer already divides by the number of micro-batches (see grpo.trainer.loss_scale).
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float | None:
+        """Called once per optimizer step, after all micro-batches' backward passes."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        self.engine.set_gradient_accumulation_boundary(False)
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm if math.isfinite(norm) or not self.cfg.skip_nonfinite_steps else None
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @contextlib.contextmanager
+    def generation_model(self):
+        """Under ZeRO-3, gather every parameter once and lift DeepSpeed's per-module hooks for the
+        rollout, so ``generate`` does not re-gather each layer at every token."""
+        if self.zero_stage != 3:
+            yield self.model
+            return
+        import deepspeed
+        offload = self.engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
+            offload._remove_module_hooks()
+            try:
+                yield self.model
+            finally:
+                offload._register_deepspeed_module(offload.module)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        self.save_model(folder / "model")
+
+    def save_model(self, folder: Path) -> None:
+        if self.zero_stage == 3:  # gather the partitioned weights (a collective: all ranks)
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+            if self.is_main:
+                self.model.save_pretrained(folder, state_dict={k[len("model."):]: v for k, v in state.items()})
+        elif self.is_main:
+            self.model.save_pretrained(folder)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        if path is None:
+            raise RuntimeError(f"{folder}/deepspeed: DeepSpeed found no checkpoint to load")
+
+
+def _hidden_size(module) -> int | None:
+    config = getattr(getattr(module, "model", module), "config", None)
+    text = getattr(config, "text_config", config)
+    return getattr(text, "hidden_size", None)
+
+
+def make_engine(module, cfg: TrainingConfig, ref_module=None) -> TorchEngine:
+    if cfg.deepspeed:
+        return DeepSpeedEngine(module, cfg, ref_module)
+    return TorchEngine(module, cfg, ref_module)

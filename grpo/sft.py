@@ -1,0 +1,73 @@
+"""Supervised fine-tuning (PathVLM-R1 stage 1): cross-entropy on the assistant's tokens only.
+
+The target is treated exactly like a GRPO completion: the prompt (system + image + question) is
+encoded by the adapter and the target tokens (ending with ``<|im_end|>``) are scored by the same
+chunked log-prob module, so SFT and GRPO share model loading, DeepSpeed, checkpoints and metrics.
+Loss = -(sum of target-token log-probs) / (target tokens in the whole optimizer step).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import BaseTrainer
+from .config import SFTConfig
+from .core import aggregate_loss
+
+
+def default_target(item) -> str:
+    """The assistant's reply for one item: ``item["target"]`` for dicts, else the paper-style
+    ``<think>…</think><answer>…</answer>`` built from a ``data.VQARecord``'s criteria and answer."""
+    if isinstance(item, dict):
+        if "target" not in item:
+            raise KeyError(f"SFT item has no 'target' field (keys: {sorted(item)}); add it or pass target_fn=")
+        return item["target"]
+    from data.prompts import build_sft_target
+    return build_sft_target(item)
+
+
+class SFTTrainer(BaseTrainer):
+    name = "SFT"
+
+    def __init__(self, model, args: SFTConfig = SFTConfig(), train_dataset=None, processor=None,
+                 adapter=None, prompt_fn=None, target_fn=None):
+        super().__init__(model, args, train_dataset, processor, adapter=adapter, prompt_fn=prompt_fn)
+        self.target_fn = target_fn or default_target
+        tok = self.adapter.tokenizer
+        self.end_ids = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+
+    def encode_targets(self, items) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) (N, T): each target's tokens then <|im_end|>, right-padded."""
+        tok, cap = self.adapter.tokenizer, self.args.max_target_length
+        seqs = [(tok(self.target_fn(it), add_special_tokens=False)["input_ids"][:cap - 1] + self.end_ids)
+                for it in items]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.adapter.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+        return ids, mask
+
+    def training_step(self, step: int) -> dict:
+        a, t0 = self.args, time.perf_counter()
+        items = self.items_for_round(step, a.batch_size)
+        messages, images = zip(*(self.prompt_fn(it) for it in items))
+        prompts = self.adapter.encode_prompts(list(messages), list(images)).to(self.engine.device)
+        ids, mask = (t.to(self.engine.device) for t in self.encode_targets(items))
+        num_tokens = float(self.engine.all_reduce_sum(mask.sum().float()))
+        loss_sum, correct = 0.0, 0.0
+        for start in range(0, len(items), a.micro_batch_size):
+            rows = list(range(start, min(start + a.micro_batch_size, len(items))))
+            m_ids, m_mask = ids[rows], mask[rows]
+            logp, _ = self.engine.forward(completion_ids=m_ids, temperature=1.0,
+                                          **self.adapter.forward_inputs(prompts.select(rows), m_ids, m_mask))
+            loss = aggregate_loss(-logp, m_mask, "token_mean", num_tokens=num_tokens) * self.engine.world_size
+            self.engine.backward(loss)
+            loss_sum += float(loss.detach())  # x world: the mean over ranks is the global loss
+            correct += float((logp.detach().exp() * m_mask).sum())
+        grad_norm = self.engine.step()
+        return {"loss": loss_sum, "token_prob_mean": correct / max(1.0, float(mask.sum())),
+                "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                "skipped_step": float(grad_norm is None), "learning_rate": self.engine.lr(),
+                "target_tokens": num_tokens, "time/update": time.perf_counter() - t0}

@@ -1,0 +1,84 @@
+"""Pieces shared by the 1-process and 2-process runs of the DeepSpeed tests."""
+import json
+import os
+
+import torch
+
+from grpo import GRPOConfig
+from grpo.rollout import Completions, mask_after_eos
+from rewards import Reward
+
+ZERO3_TEST_CONFIG = {
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,  # partition tiny params
+                          "reduce_bucket_size": 100000, "stage3_prefetch_bucket_size": 100000},
+    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto", "gradient_clipping": "auto", "steps_per_print": 1000000,
+}
+
+
+# The fixed-batch comparison: token-level loss (non-zero even at ratio 1), a reference model,
+# and mu = 2 so the second pass uses stored old log-probs with ratios != 1.
+FIXED_BATCH = dict(prompts_per_step=2, loss_aggregation="token_mean", beta=0.04, num_iterations=2, max_steps=4)
+
+
+def write_ds_config(folder):
+    path = os.path.join(folder, "ds_zero3.json")
+    with open(path, "w") as f:
+        json.dump(ZERO3_TEST_CONFIG, f)
+    return path
+
+
+class LengthReward(Reward):
+    """A dense, deterministic reward: how close the completion is to 12 characters."""
+    name = "length"
+
+    def score(self, sample):
+        return max(0.0, 1.0 - abs(len(sample.completion) - 12) / 12)
+
+
+def dataset(n=8, with_images=True):
+    from PIL import Image
+    items = []
+    for i in range(n):
+        colour = (40 * i % 256, 255 - 30 * i % 256, 90)
+        content = ([{"type": "image"}] if with_images else []) + [{"type": "text", "text": f"Item {i}?"}]
+        items.append({"id": f"q{i}", "messages": [{"role": "user", "content": content}],
+                      "images": [Image.new("RGB", (56, 56), colour)] if with_images else [],
+                      "question": f"Item {i}?", "answer": "A"})
+    return items
+
+
+class FixedSampler:
+    """Completions that depend only on the prompt's tokens (not on RNG or batch layout), so a
+    1-process and a 2-process run see the same global batch: a deterministic stand-in for
+    sampling that isolates the update's equivalence."""
+
+    def __call__(self, model, adapter, prompts, cfg, chunk=None):
+        rows = []
+        for r in range(len(prompts)):
+            seed = int(prompts.input_ids[r][prompts.attention_mask[r].bool()].sum()) * 31 + r % cfg.num_generations
+            g = torch.Generator().manual_seed(seed)
+            length = 2 + int(torch.randint(0, cfg.max_completion_length - 1, (1,), generator=g))  # == max: truncated
+            ids = torch.randint(100, 600, (cfg.max_completion_length,), generator=g)
+            ids[length:] = adapter.eos_token_ids[0]
+            rows.append(ids)
+        ids = torch.stack(rows)
+        mask, truncated = mask_after_eos(ids, adapter.eos_token_ids)
+        return Completions(ids, mask, truncated)
+
+
+def make_config(out, **kw):
+    base = dict(num_generations=4, prompts_per_step=2, micro_batch_size=4, max_steps=2, learning_rate=1e-2,
+                max_completion_length=8, beta=0.0, output_dir=out, progress_bar=False, seed=7)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def tiny_model(ckpt):
+    from models import ModelConfig, load_policy, load_processor
+    tiny_model.processor = load_processor(ckpt)
+    return load_policy(ModelConfig(str(ckpt), freeze_vision=True))
+
+
+def gathered_params(model):
+    return {n: p.detach().float().flatten()[:64].tolist() for n, p in model.named_parameters()}
