@@ -18,13 +18,17 @@ export TRANSFORMERS_OFFLINE = 1
 $(STAMP): requirements.txt requirements-assets.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU torch unless CUDA is present: an unpinned torch pulls a multi-GB CUDA build.
+	# CPU torch unless CUDA is present: an unpinned torch pulls a multi-GB CUDA build. A CPU wheel
+	# on the machine's find-links (2.13.0+cpu sorts above PyPI's 2.13.0) is used as is; otherwise
+	# it comes from PyTorch's CPU index.
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(PIP) install -q torch==$(TORCH_VERSION); \
+	elif $(PIP) download -q --no-deps --no-index -d $(VENV)/.torch-wheel torch==$(TORCH_VERSION) >/dev/null 2>&1; then \
+	  $(PIP) install -q torch==$(TORCH_VERSION); \
 	else \
-	  $(PIP) install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null || \
-	  $(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	  $(PIP) install -q torch==$(TORCH_VERSION)+cpu --extra-index-url https://download.pytorch.org/whl/cpu; \
 	fi
+	rm -rf $(VENV)/.torch-wheel
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 	$(PIP) install -q --no-deps -e .

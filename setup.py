@@ -35,6 +35,8 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "hypothesis>=6.100"],
+        # Plots of the PathVLM-R1 report (examples/pathvlm_r1.py).
+        "report": ["matplotlib>=3.8"],
         # Baselines used only by bench/ (never imported by the library itself).
         "bench": ["trl>=0.20"],
     },
