@@ -8,7 +8,10 @@ It reads the delimited sections of the judge prompt (see :mod:`rewards.judge_pro
   covered when at least 60 % of its key terms occur in the reasoning and it is not negated.
   With no criteria, three generic steps are checked instead (image features described, options
   eliminated, medical knowledge invoked) and integrity is the fraction present.
-* **knowledge** -- ``1 - 0.5 * contradicts_reference - 0.5 * negated_fraction``, where
+* **knowledge** -- ``1 - 0.5 * contradicts_reference - 0.5 * negated_fraction`` when the
+  reasoning states something checkable (at least one criterion covered, or, without criteria,
+  a medical-knowledge cue), else 0: a chain that asserts nothing shows no correct knowledge
+  (without this, an empty or off-topic ``<think>`` would earn half the process reward). Here
   *contradicts_reference* is 1 when the final answer is present and wrong (by
   :class:`rewards.AccuracyReward`) or the reasoning asserts "the answer is X" for another choice,
   and *negated_fraction* is the fraction of criteria stated with a negation ("no", "not",
@@ -100,14 +103,16 @@ def grade(question: str, options: list[str] | None, reference: str, criteria: li
     if scored:
         covered = [c for c, t in scored if c not in negated and _overlap(t, reasoning_stems) >= COVER_THRESHOLD]
         integrity, note = len(covered) / len(scored), f"{len(covered)}/{len(scored)} criteria covered"
+        substantive = bool(covered)
     else:
         integrity, note = _generic_integrity(reasoning)
+        substantive = "medical knowledge" in note
     sample = RewardSample(question=question, completion=completion, answer=reference, options=options)
     wrong_answer = last_answer(completion) is not None and normalize(last_answer(completion)) != "" \
         and AccuracyReward().score(sample) == 0.0
     contradicts = wrong_answer or _asserts_other(reasoning, reference, options)
     negated_fraction = len(negated) / len(scored) if scored else 0.0
-    knowledge = max(0.0, 1.0 - 0.5 * contradicts - 0.5 * negated_fraction)
+    knowledge = max(0.0, 1.0 - 0.5 * contradicts - 0.5 * negated_fraction) if substantive else 0.0
     rationale = (f"{note}; {len(negated)} criteria negated; "
                  f"{'contradicts' if contradicts else 'consistent with'} the reference answer")
     return {"integrity": round(integrity, 4), "knowledge": round(knowledge, 4), "rationale": rationale}
