@@ -12,6 +12,7 @@ import json
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 from rewards.judge_parse import Verdict
 
@@ -35,6 +36,8 @@ class JudgmentCache:
     def __init__(self, path: str | None):
         self.path = path
         self._lock = threading.Lock()
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. a cache inside a new output_dir
         self._db = sqlite3.connect(path or ":memory:", timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
         if path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 ON_FAILURE = ("abstain", "zero", "raise")
 
@@ -68,9 +69,7 @@ class JudgeConfig:
     max_response_bytes: int = 4_000_000
 
     def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"JudgeConfig.base_url must start with http:// or https://, got "
-                             f"{self.base_url!r} (e.g. 'http://127.0.0.1:8000/v1')")
+        self._check_url()
         if self.on_failure not in ON_FAILURE:
             raise ValueError(f"JudgeConfig.on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
         self._check_positive("timeout", "max_concurrency", "image_max_side", "max_tokens",
@@ -82,6 +81,17 @@ class JudgeConfig:
         rpm = self.requests_per_minute
         if rpm is not None and not (isinstance(rpm, (int, float)) and math.isfinite(rpm) and rpm >= 1):
             raise ValueError(f"JudgeConfig.requests_per_minute must be None (unlimited) or >= 1, got {rpm!r}")
+
+    def _check_url(self) -> None:
+        url = self.base_url
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"JudgeConfig.base_url must be an http:// or https:// URL with a host, got "
+                             f"{url!r} (e.g. 'http://127.0.0.1:8000/v1')")
+        if parts.username or parts.password:
+            # The URL is logged and saved; a key inside it would leak. Do not echo the URL here.
+            raise ValueError(f"JudgeConfig.base_url must not contain credentials (user:key@host); put the "
+                             f"key in ${self.api_key_env} instead")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:

@@ -86,6 +86,9 @@ def _extract_object(text: str) -> dict:
     if len(fences) > 1:
         raise VerdictError(f"{len(fences)} fenced blocks in reply; refusing to guess which is the verdict")
     if fences:
+        if _candidates(_FENCE_RE.sub("", text)):
+            # e.g. the judge quoted a fenced block from the completion, then gave its own verdict
+            raise VerdictError("a fenced verdict and another verdict-like object outside it; refusing to guess")
         obj = _strict(fences[0])
         if obj is None:
             raise VerdictError("fenced block is not valid JSON")
