@@ -42,6 +42,7 @@ class BaseTrainer:
         self.engine = make_engine(CompletionLogProbs(model, args.logprob_chunk_size), args, ref)
         self.output_dir = Path(args.output_dir)
         self.step = 0
+        self.skipped_steps = 0  # optimizer steps not applied (non-finite loss or gradients), cumulative
 
     def _load(self, path: str, processor, ref_model, needs_ref: bool):
         from models.loading import ModelConfig, load_policy, load_processor, load_reference
@@ -97,6 +98,8 @@ class BaseTrainer:
             t0 = time.perf_counter()
             metrics = self.mean_over_ranks(self.training_step(step))
             metrics["time/step"] = time.perf_counter() - t0
+            self.skipped_steps += int(metrics.get("skipped_step", 0.0) > 0)
+            metrics["skipped_steps"] = float(self.skipped_steps)
             self.step = step + 1
             history.append(metrics)
             if self.step % a.logging_steps == 0 or self.step == a.max_steps:
@@ -108,7 +111,14 @@ class BaseTrainer:
         return history
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "config": asdict(self.args), "world_size": self.engine.world_size}
+        """What a checkpoint records besides weights, optimizer and RNG (JSON; no secrets: the
+        config holds only the names of the environment variables that hold keys)."""
+        return {"step": self.step, "config": asdict(self.args), "world_size": self.engine.world_size,
+                "skipped_steps": self.skipped_steps}
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.engine, self.output_dir, self.step, self.trainer_state(),
@@ -120,12 +130,17 @@ class BaseTrainer:
             return 0
         folder = ckpt.latest_checkpoint(self.output_dir) if where == "auto" else Path(where)
         if folder is None:
+            if ckpt.list_checkpoints(self.output_dir):
+                # Starting over would silently discard the run; make the user decide.
+                raise RuntimeError(f"{self.output_dir}: no checkpoint-<step> folder verifies (see the "
+                                   f"warnings above). Delete the corrupt ones to resume from an older "
+                                   f"one, or set resume_from_checkpoint=None to start over")
             return 0
-        state = ckpt.load_checkpoint(self.engine, folder)
+        state = ckpt.load_checkpoint(self.engine, folder)  # verifies the sha256 manifest first
         if state["world_size"] != self.engine.world_size:
             raise RuntimeError(f"{folder} was written by {state['world_size']} processes, this run has "
                                f"{self.engine.world_size}: the data order would differ")
-        self.step = int(state["step"])
+        self.load_trainer_state(state)
         return self.step
 
     def mean_over_ranks(self, metrics: dict) -> dict:
@@ -141,6 +156,9 @@ class BaseTrainer:
         folder = Path(folder)
         self.engine.save_model(folder)
         if self.engine.is_main:
-            self.adapter.processor.save_pretrained(folder)
+            # tokenizer and image processor saved separately: load_processor reads them that way,
+            # like the files of a released checkpoint
+            self.adapter.tokenizer.save_pretrained(folder)
+            self.adapter.processor.image_processor.save_pretrained(folder)
         self.engine.barrier()
         return folder

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,13 @@ def verify(folder: Path) -> None:
     if not mpath.is_file():
         raise RuntimeError(f"{folder}: no {MANIFEST}; the checkpoint is incomplete (a crash during save?). "
                            f"Resume from an earlier checkpoint-<step> folder or delete this one")
-    manifest = json.loads(mpath.read_text())
+    try:
+        manifest = json.loads(mpath.read_text())
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or "trainer_state.json" not in manifest:
+        raise RuntimeError(f"{folder}: {MANIFEST} is unreadable or lists no trainer_state.json; the "
+                           f"checkpoint is corrupt. Resume from an earlier checkpoint or delete this one")
     for rel, digest in manifest.items():
         p = folder / rel
         if not p.is_file():
@@ -98,7 +105,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
             verify(path)
             return path
         except RuntimeError as err:
-            print(f"warning: skipping {path}: {err}")
+            warnings.warn(f"skipped: {err}", RuntimeWarning, stacklevel=2)
     return None
 
 

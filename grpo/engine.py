@@ -68,6 +68,17 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
+        """True when ``loss`` is NaN/inf on this or any other rank. Every rank gets the same
+        answer, so all of them skip the same backward pass and no collective is left waiting."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1).to(self.device)
+        return bool(self.all_reduce_sum(bad).item() > 0)
+
+    def discard_step(self) -> None:
+        """Drop the gradients accumulated for this optimizer step without applying them: no
+        parameter, optimizer-state or scheduler change (the step is skipped, not half-done)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def step(self) -> float | None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
@@ -189,13 +200,30 @@ class DeepSpeedEngine(TorchEngine):
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float | None:
-        """Called once per optimizer step, after all micro-batches' backward passes."""
+        """Called once per optimizer step, after all micro-batches' backward passes. ZeRO
+        skips a step whose (all-reduced) grad norm is NaN/inf itself and flags ``overflow``;
+        that flag, not the norm, says whether the parameters moved."""
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self.engine.set_gradient_accumulation_boundary(False)
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return norm if math.isfinite(norm) or not self.cfg.skip_nonfinite_steps else None
+        skipped = bool(getattr(self.engine.optimizer, "overflow", False))
+        return None if skipped or (not math.isfinite(norm) and self.cfg.skip_nonfinite_steps) else norm
+
+    def discard_step(self) -> None:
+        """What the ZeRO optimizers do themselves on overflow: drop the accumulated (partitioned)
+        gradients and restart accumulation, so the next step's first backward overwrites them."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "_overflow_clean_up"):            # ZeRO-3
+            opt._overflow_clean_up(getattr(opt, "loss_scale", 1.0))
+        else:                                             # ZeRO-0/1/2
+            opt.zero_grad(set_to_none=True)
+            if getattr(opt, "cpu_offload", False):
+                opt.reset_cpu_buffers()
+            for k in list(getattr(opt, "averaged_gradients", {}) or {}):
+                opt.averaged_gradients[k] = None
+        self.engine.set_gradient_accumulation_boundary(False)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

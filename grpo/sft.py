@@ -56,18 +56,21 @@ class SFTTrainer(BaseTrainer):
         prompts = self.adapter.encode_prompts(list(messages), list(images)).to(self.engine.device)
         ids, mask = (t.to(self.engine.device) for t in self.encode_targets(items))
         num_tokens = float(self.engine.all_reduce_sum(mask.sum().float()))
-        loss_sum, correct = 0.0, 0.0
+        loss_sum, correct, finite = 0.0, 0.0, True
         for start in range(0, len(items), a.micro_batch_size):
             rows = list(range(start, min(start + a.micro_batch_size, len(items))))
             m_ids, m_mask = ids[rows], mask[rows]
             logp, _ = self.engine.forward(completion_ids=m_ids, temperature=1.0,
                                           **self.adapter.forward_inputs(prompts.select(rows), m_ids, m_mask))
             loss = aggregate_loss(-logp, m_mask, "token_mean", num_tokens=num_tokens) * self.engine.world_size
+            if self.engine.nonfinite_anywhere(loss):  # never backpropagate NaN/inf (see GRPOTrainer.update)
+                finite = False
+                break
             self.engine.backward(loss)
             loss_sum += float(loss.detach())  # x world: the mean over ranks is the global loss
             correct += float((logp.detach().exp() * m_mask).sum())
-        grad_norm = self.engine.step()
-        return {"loss": loss_sum, "token_prob_mean": correct / max(1.0, float(mask.sum())),
+        grad_norm = self.engine.step() if finite else self.engine.discard_step()
+        return {"loss": loss_sum if finite else float("nan"), "nonfinite_loss": float(not finite), "token_prob_mean": correct / max(1.0, float(mask.sum())),
                 "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                 "skipped_step": float(grad_norm is None), "learning_rate": self.engine.lr(),
                 "target_tokens": num_tokens, "time/update": time.perf_counter() - t0}

@@ -1,0 +1,105 @@
+"""Helpers for the reliability tests: the crash-runner subprocess, the fault judge, and readers
+for what a run leaves on disk."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+RUNNER = HERE / "crash_runner.py"
+
+
+class Run:
+    """The crash runner as a subprocess; stdout lines are collected by a thread."""
+
+    def __init__(self, out, ckpt, judge_url, max_steps, pause=None, extra_env=None):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        env.pop("PAUSE_AT", None)
+        if pause:
+            env["PAUSE_AT"] = pause
+        self.proc = subprocess.Popen([sys.executable, str(RUNNER), str(out), str(ckpt), judge_url, str(max_steps)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr = ""
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _read_err(self):
+        self.stderr = self.proc.stderr.read()
+
+    def wait_for(self, prefix: str, timeout: float = 240.0) -> str:
+        """The first stdout line starting with ``prefix``; fails if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait()
+                raise AssertionError(f"runner exited ({self.proc.returncode}) before {prefix!r}:\n"
+                                     f"{''.join(self.stdout)[-2000:]}\n{self.stderr[-4000:]}")
+            if line.startswith(prefix):
+                return line.strip()
+        self.kill()
+        raise AssertionError(f"no {prefix!r} line within {timeout:.0f}s")
+
+    def kill(self) -> None:
+        """SIGKILL: no handler, no atexit, no flush runs in the child."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def finish(self, timeout: float = 240.0) -> int:
+        """Wait for a normal exit; returns the judgments this process paid for."""
+        line = self.wait_for("DONE", timeout)
+        assert self.proc.wait(timeout) == 0, self.stderr[-4000:]
+        return successes(line)
+
+
+def successes(line: str) -> int:
+    return int(line.rsplit("successes=", 1)[1])
+
+
+def cache_keys(path) -> set[str]:
+    """Judgment keys stored in a judge cache (read while no writer is alive)."""
+    if not Path(path).exists():
+        return set()
+    db = sqlite3.connect(str(path))
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM judgments")}
+    finally:
+        db.close()
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "model" / "model.safetensors"))
+
+
+def spawn_fault_judge():
+    """tests/rewards/fault_judge.py as a subprocess; returns a LocalJudge handle."""
+    from rewards.judge_server import LocalJudge
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/rewards/fault_judge.py")], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    line = proc.stdout.readline()
+    assert line.startswith("JUDGE_URL="), f"fault server did not start: {line!r}"
+    return LocalJudge(proc, line.strip().split("=", 1)[1])
