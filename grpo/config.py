@@ -87,6 +87,11 @@ class GRPOConfig(TrainingConfig):
     loss_aggregation: str = "seq_mean_token_mean"  # or "token_mean" (DAPO), "seq_mean_token_sum_norm" (Dr. GRPO)
     reward_weights: tuple[float, ...] | None = None  # None: each reward's own .weight
     log_completions: int = 0            # write this many sample completions per step to completions.jsonl
+    # --- judge outages ---
+    max_abstain_rate: float | None = None  # stop (AbstainRateError) when a reward's abstain rate,
+    abstain_window: int = 1             # averaged over this many generation rounds, exceeds it
+    # --- performance (docs/performance.md) ---
+    reuse_prompts: bool = True          # encode each prompt's image and prefill it once per group, not G times
 
     @property
     def completions_per_step(self) -> int:
@@ -172,10 +177,26 @@ def _common_errors(cfg: TrainingConfig) -> list[str]:
         errors.append(f"max_grad_norm={cfg.max_grad_norm}: must be > 0 or None")
     if cfg.warmup_steps < 0 or cfg.save_steps < 0:
         errors.append(f"warmup_steps={cfg.warmup_steps}, save_steps={cfg.save_steps}: must be >= 0")
-    if cfg.deepspeed is not None and not Path(cfg.deepspeed).is_file():
-        errors.append(f"deepspeed={cfg.deepspeed!r}: no such file; pass a DeepSpeed JSON config "
-                      f"(e.g. examples/configs/zero3.json) or None")
-    return errors
+    b = cfg.adam_betas
+    if not (isinstance(b, (tuple, list)) and len(b) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+        errors.append(f"adam_betas={b!r}: expected two numbers in [0, 1), e.g. (0.9, 0.999)")
+    return errors + _deepspeed_errors(cfg.deepspeed)
+
+
+def _deepspeed_errors(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        return [f"deepspeed={path!r}: no such file; pass a DeepSpeed JSON config "
+                f"(e.g. examples/configs/zero3.json) or None"]
+    try:
+        ds = json.loads(Path(path).read_text())
+    except ValueError as err:
+        return [f"deepspeed={path!r}: not valid JSON ({err}); fix the file or pass None"]
+    if not isinstance(ds, dict):
+        return [f"deepspeed={path!r}: the JSON must be an object of DeepSpeed settings"]
+    return []
 
 
 def _grpo_errors(cfg: GRPOConfig) -> list[str]:
@@ -205,4 +226,13 @@ def _grpo_errors(cfg: GRPOConfig) -> list[str]:
         errors.append(f"advantage_eps={cfg.advantage_eps}, kl_clamp={cfg.kl_clamp}: need eps >= 0, clamp > 0")
     if cfg.log_completions < 0:
         errors.append(f"log_completions={cfg.log_completions}: must be >= 0")
+    w = cfg.reward_weights
+    if w is not None and not (isinstance(w, (tuple, list)) and w and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in w)):
+        errors.append(f"reward_weights={w!r}: expected a tuple of finite numbers, one per reward, or None")
+    if cfg.max_abstain_rate is not None and not 0 <= cfg.max_abstain_rate < 1:
+        errors.append(f"max_abstain_rate={cfg.max_abstain_rate}: must be in [0, 1) (e.g. 0.5), or None "
+                      f"to never stop on abstentions")
+    if cfg.abstain_window < 1:
+        errors.append(f"abstain_window={cfg.abstain_window}: must be >= 1 generation round")
     return errors

@@ -24,6 +24,7 @@ from rewards import score_all
 from .base import BaseTrainer
 from .config import GRPOConfig
 from .core import aggregate_loss, combine_rewards, group_advantages, grpo_token_loss
+from .metrics import AbstainGuard, truncate_jsonl
 from .rollout import Completions, sample
 from .samples import default_reward_sample
 
@@ -70,9 +71,16 @@ class GRPOTrainer(BaseTrainer):
         self.weights = torch.tensor(args.reward_weights or [r.weight for r in self.rewards], dtype=torch.float32)
         self._batch = None
         self.sampler = sample  # (model, adapter, prompts, cfg, chunk) -> Completions; swappable
+        self._abstain = AbstainGuard([r.name for r in self.rewards], args.max_abstain_rate, args.abstain_window)
+        self._completions_round = None  # first round this process logged (see _log_completions)
 
     def trainer_state(self) -> dict:
-        return {**super().trainer_state(), "rewards": [r.name for r in self.rewards]}
+        return {**super().trainer_state(), "rewards": [r.name for r in self.rewards],
+                "abstain_history": self._abstain.state()}
+
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
+        self._abstain.load_state(state.get("abstain_history", {}))
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
@@ -122,8 +130,11 @@ class GRPOTrainer(BaseTrainer):
         pb, ids, mask = prompts.select(rows), comp.ids[rows], comp.mask[rows]
         width = max(1, int(mask.sum(1).max()))  # drop columns that are padding in every row
         ids, mask = ids[:, :width], mask[:, :width]
-        logp, ent = fn(completion_ids=ids, temperature=self.args.temperature,
-                       **self.adapter.forward_inputs(pb, ids, mask))
+        if pb.unique is not None and self.args.reuse_prompts:
+            inputs = self.adapter.shared_forward_inputs(pb, mask)  # each distinct prompt run once
+        else:
+            inputs = self.adapter.forward_inputs(pb, ids, mask)
+        logp, ent = fn(completion_ids=ids, temperature=self.args.temperature, **inputs)
         return logp, ent, width
 
     def _logprobs(self, fn, prompts: PromptBatch, comp: Completions) -> torch.Tensor:
@@ -135,9 +146,12 @@ class GRPOTrainer(BaseTrainer):
 
     # ---------------------------------------------------------------- update
     def update(self, batch: Batch) -> dict:
-        """One optimizer step over all micro-batches of ``batch``."""
+        """One optimizer step over all micro-batches of ``batch``. A micro-batch whose loss is
+        NaN/inf on any rank is never backpropagated (0 * NaN is still NaN): every rank drops the
+        whole step's gradients instead, and the step is counted as skipped."""
         a, t0 = self.args, time.perf_counter()
         sums: dict[str, float] = {}
+        finite = True
         for rows in self._micro_batches(len(batch.prompts)):
             logp, ent, w = self._forward(self.engine.forward, batch.prompts, batch.completions, rows)
             mask = batch.loss_mask[rows, :w]
@@ -152,15 +166,21 @@ class GRPOTrainer(BaseTrainer):
             loss = aggregate_loss(per_token, mask, a.loss_aggregation, num_tokens=batch.num_tokens,
                                   num_sequences=batch.num_sequences,
                                   max_completion_length=a.max_completion_length) * self.engine.world_size
+            if self.engine.nonfinite_anywhere(loss):
+                finite = False
+                break
             self.engine.backward(loss)
             share = len(rows) / len(batch.prompts)
             m = {**{k: float(v) for k, v in m.items()}, "loss": float(loss.detach()),  # x world: the mean over ranks is the global loss
                  "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1))}
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "loss" else v * share)
-        grad_norm = self.engine.step()
+        grad_norm = self.engine.step() if finite else self.engine.discard_step()
+        if not finite:
+            sums["loss"] = float("nan")  # logged as null: this step's loss was not usable
         sums.update(grad_norm=grad_norm if grad_norm is not None else float("nan"),
-                    skipped_step=float(grad_norm is None), learning_rate=self.engine.lr())
+                    skipped_step=float(grad_norm is None), nonfinite_loss=float(not finite),
+                    learning_rate=self.engine.lr())
         sums["time/update"] = time.perf_counter() - t0
         return sums
 
@@ -169,6 +189,8 @@ class GRPOTrainer(BaseTrainer):
         """Generate a new batch every mu steps, then one optimizer step on it."""
         if self._batch is None or step % self.args.num_iterations == 0:
             self._batch = self.rollout(step // self.args.num_iterations)
+            # Before the update: a run stopped for a dead judge has not trained on its absence.
+            self._abstain.check(step + 1, self._batch.metrics)
         return {**self._batch.metrics, **self.update(self._batch)}
 
     def can_save(self, step: int) -> bool:
@@ -183,20 +205,28 @@ class GRPOTrainer(BaseTrainer):
         lengths = self.engine.all_gather_cat(comp.lengths.float().to(self.engine.device)).cpu()
         trunc = self.engine.all_gather_cat(comp.truncated.float().to(self.engine.device)).cpu()
         valid = ~torch.isnan(scores)
+        # Abstain rates over all ranks, so the abstain guard stops every rank at the same step.
+        abstained = self.engine.all_gather_cat((~valid).float().to(self.engine.device)).cpu()  # (world*N, R)
         out = {"completion/length_mean": float(lengths.mean()), "completion/length_min": float(lengths.min()),
                "completion/length_max": float(lengths.max()), "completion/truncated_frac": float(trunc.mean())}
         for j, r in enumerate(self.rewards):
             col = scores[valid[:, j], j]
             out[f"reward/{r.name}/std"] = float(col.std()) if len(col) > 1 else 0.0
+            out[f"reward/{r.name}/abstain_rate"] = float(abstained[:, j].mean()) if len(abstained) else 0.0
         return out
 
     def _log_completions(self, round_idx, items, texts, rewards) -> None:
         k = self.args.log_completions
         if not k or not self.engine.is_main:
             return
-        g = self.args.num_generations
+        g, path = self.args.num_generations, self.output_dir / "completions.jsonl"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "completions.jsonl", "a") as f:
+        if self._completions_round is None:
+            # First round of this process (fresh, or resumed after a crash): drop lines of this and
+            # later rounds, written by a killed run, so each round is logged exactly once.
+            self._completions_round = round_idx
+            truncate_jsonl(path, lambda obj: int(obj["round"]) < round_idx)
+        with open(path, "a") as f:
             for i in range(min(k, len(texts))):
                 item = items[i // g]
                 f.write(json.dumps({"round": round_idx, "id": getattr(item, "id", None) or

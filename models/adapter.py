@@ -13,7 +13,7 @@ forward pass over prompt + completion. Everything Qwen2.5-VL specific lives here
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -23,9 +23,16 @@ class PromptBatch:
     """Left-padded prompts with their images.
 
     input_ids, attention_mask, mm_token_type_ids: (N, P)
-    pixel_values: (sum of patches over the batch's images, C*t*p*p) or None
+    pixel_values: (sum of patches over the batch's images, C*t*p*p) or None (also None when
+        ``unique`` is set: use ``images()``)
     image_grid_thw: (number of images, 3) or None
     images_per_row: (N,) number of images each row's prompt holds
+
+    When the rows are copies of fewer distinct prompts (a GRPO group repeats its prompt G times),
+    ``unique`` holds the B distinct prompts and ``prompt_index`` (N,) which of them each row copies,
+    so image encoding and prompt prefill can run once per distinct prompt (``models.reuse``).
+    ``cache`` is where ``models.reuse`` keeps per-prompt work (positions, image features) of a
+    batch used as ``unique``.
     """
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -33,11 +40,14 @@ class PromptBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
     images_per_row: torch.Tensor
+    prompt_index: torch.Tensor | None = None
+    unique: "PromptBatch | None" = None
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def _patch_spans(self) -> list[tuple[int, int, int, int]]:
+    def patch_spans(self) -> list[tuple[int, int, int, int]]:
         """Per row: (first image, last image + 1, first patch, last patch + 1)."""
         patches = (self.image_grid_thw.prod(-1).tolist() if self.image_grid_thw is not None else [])
         spans, img, patch = [], 0, 0
@@ -50,9 +60,15 @@ class PromptBatch:
     def select(self, rows: torch.Tensor | list[int]) -> "PromptBatch":
         """Rows ``rows`` (in that order, repeats allowed) with their images' patches."""
         rows = torch.as_tensor(rows, dtype=torch.long)
+        if torch.equal(rows, torch.arange(len(self))):
+            return self  # all rows in order: no copy (pixel_values can be hundreds of MB)
+        if self.unique is not None:  # images stay with the distinct prompts: no per-row copies
+            return PromptBatch(self.input_ids[rows], self.attention_mask[rows], self.mm_token_type_ids[rows],
+                               None, None, self.images_per_row[rows], self.prompt_index[rows],
+                               self.unique).trim_padding()
         pixel_values = grid = None
         if self.pixel_values is not None:
-            spans = self._patch_spans()
+            spans = self.patch_spans()
             picked = [spans[r] for r in rows.tolist()]
             pix = [self.pixel_values[p0:p1] for _, _, p0, p1 in picked]
             thw = [self.image_grid_thw[i0:i1] for i0, i1, _, _ in picked]
@@ -62,9 +78,21 @@ class PromptBatch:
                             pixel_values, grid, self.images_per_row[rows])
         return batch.trim_padding()
 
+    def images(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values, image_grid_thw) of these rows, in row order. A batch of copies
+        (``unique`` set) builds them from the distinct prompts only when asked (the per-row path)."""
+        if self.unique is None:
+            return self.pixel_values, self.image_grid_thw
+        copies = self.unique.select(self.prompt_index)
+        return copies.pixel_values, copies.image_grid_thw
+
     def repeat_interleave(self, g: int) -> "PromptBatch":
-        """Each row repeated ``g`` times in place: rows 0,0,..,1,1,.. (the GRPO group layout)."""
-        return self.select(torch.arange(len(self)).repeat_interleave(g))
+        """Each row repeated ``g`` times in place: rows 0,0,..,1,1,.. (the GRPO group layout).
+        The result remembers that its rows are copies of this batch's rows (``unique``)."""
+        rows = torch.arange(len(self)).repeat_interleave(g)
+        if self.unique is not None:
+            return self.select(rows)
+        return replace(self.select(rows), prompt_index=rows, unique=self, cache={})
 
     def trim_padding(self) -> "PromptBatch":
         """Drop left-padding columns that every row pads (after selecting a sub-batch)."""
@@ -73,12 +101,13 @@ class PromptBatch:
         if first == 0:
             return self
         return replace(self, input_ids=self.input_ids[:, first:], attention_mask=self.attention_mask[:, first:],
-                       mm_token_type_ids=self.mm_token_type_ids[:, first:])
+                       mm_token_type_ids=self.mm_token_type_ids[:, first:], cache={})
 
     def to(self, device) -> "PromptBatch":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return PromptBatch(move(self.input_ids), move(self.attention_mask), move(self.mm_token_type_ids),
-                           move(self.pixel_values), move(self.image_grid_thw), self.images_per_row)
+                           move(self.pixel_values), move(self.image_grid_thw), self.images_per_row,
+                           self.prompt_index, self.unique.to(device) if self.unique is not None else None)
 
 
 class QwenVLAdapter:
@@ -121,25 +150,39 @@ class QwenVLAdapter:
     def forward_inputs(self, prompts: PromptBatch, completion_ids: torch.Tensor,
                        completion_mask: torch.Tensor) -> dict:
         """Inputs of one forward pass over prompt + completion (N, P + T)."""
-        zeros = torch.zeros_like(completion_ids)
-        inputs = dict(
-            input_ids=torch.cat([prompts.input_ids, completion_ids], 1),
-            attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], 1),
-            mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, zeros.to(prompts.mm_token_type_ids.dtype)], 1))
-        if prompts.pixel_values is not None and prompts.pixel_values.shape[0] > 0:
-            inputs.update(pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw)
-        return inputs
+        return forward_inputs(prompts, completion_ids, completion_mask)
+
+    def shared_forward_inputs(self, prompts: PromptBatch, completion_mask: torch.Tensor) -> dict:
+        """Inputs for ``grpo.logprobs.CompletionLogProbs`` that let it run each distinct prompt of
+        ``prompts`` once (``prompts.unique`` must be set); see ``models.reuse``."""
+        if prompts.unique is None:
+            raise ValueError("prompts.unique is None: build the batch with PromptBatch.repeat_interleave")
+        return dict(prompts=prompts, completion_mask=completion_mask)
 
     def generate_inputs(self, prompts: PromptBatch) -> dict:
         inputs = dict(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
                       mm_token_type_ids=prompts.mm_token_type_ids)
-        if prompts.pixel_values is not None and prompts.pixel_values.shape[0] > 0:
-            inputs.update(pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw)
+        pixel_values, grid = prompts.images()
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            inputs.update(pixel_values=pixel_values, image_grid_thw=grid)
         return inputs
 
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
                 for ids, m in zip(completion_ids, completion_mask)]
+
+
+def forward_inputs(prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict:
+    """Inputs of one forward pass over prompt + completion (N, P + T), every row on its own."""
+    zeros = torch.zeros_like(completion_ids)
+    inputs = dict(
+        input_ids=torch.cat([prompts.input_ids, completion_ids], 1),
+        attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], 1),
+        mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, zeros.to(prompts.mm_token_type_ids.dtype)], 1))
+    pixel_values, grid = prompts.images()
+    if pixel_values is not None and pixel_values.shape[0] > 0:
+        inputs.update(pixel_values=pixel_values, image_grid_thw=grid)
+    return inputs
 
 
 def backbone_and_head(model):

@@ -1,0 +1,29 @@
+"""Run every performance benchmark in turn and print a summary (results in bench/results/).
+
+    python bench/run_all.py [--model PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["step_vs_trl", "overhead", "logprob_memory", "image_scaling"]
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=None)
+    a = p.parse_args()
+    extra = ["--model", a.model] if a.model else []
+    summary = {}
+    for name in BENCHES:
+        print(f"== {name}", flush=True)
+        subprocess.run([sys.executable, str(HERE / f"{name}.py"), *extra], check=False)
+        path = HERE / "results" / f"{name}.json"
+        if path.is_file():
+            r = json.loads(path.read_text())
+            summary[name] = {"ratio": r.get("ratio"), "target": r.get("target"), "target_met": r.get("target_met")}
+    print(json.dumps(summary, indent=2))
