@@ -43,9 +43,9 @@ class TinySpec:
     seed: int = 0
 
 
-def build_tokenizer(spec: TinySpec):
+def build_tokenizer(spec: TinySpec, corpus: list[str] | None = None):
     if spec.tokenizer == "bpe":
-        return train_tiny_tokenizer(spec.bpe_vocab_size)
+        return train_tiny_tokenizer(spec.bpe_vocab_size, corpus)
     if spec.tokenizer == "qwen":
         return load_qwen_vocab_tokenizer()
     raise ValueError(f"TinySpec.tokenizer={spec.tokenizer!r}: use 'bpe' or 'qwen'")
@@ -78,11 +78,13 @@ def tiny_config(spec: TinySpec, tokenizer) -> Qwen2_5_VLConfig:
                             eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"])
 
 
-def build_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
-    """Create a randomly initialised tiny Qwen2.5-VL with tokenizer and image processor in ``out``."""
+def build_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), corpus: list[str] | None = None) -> Path:
+    """Create a randomly initialised tiny Qwen2.5-VL with tokenizer and image processor in ``out``.
+    ``corpus``: texts to train the BPE on (e.g. a dataset's prompts and targets), so its words
+    become single tokens; default: a built-in VQA-flavoured corpus."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec)
+    tokenizer = build_tokenizer(spec, corpus)
     config = tiny_config(spec, tokenizer)
     torch.manual_seed(spec.seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
@@ -95,14 +97,14 @@ def build_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     return out
 
 
-def ensure_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
+def ensure_tiny_checkpoint(out: str | Path, spec: TinySpec = TinySpec(), corpus: list[str] | None = None) -> Path:
     """Build the checkpoint unless ``out`` already holds one built from the same spec."""
     out = Path(out)
     marker = out / "tiny_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == asdict(spec) \
             and (out / "model.safetensors").is_file():
         return out
-    return build_tiny_checkpoint(out, spec)
+    return build_tiny_checkpoint(out, spec, corpus)
 
 
 def main(argv=None) -> None:
