@@ -1,0 +1,78 @@
+"""examples/pathvlm_r1.py end to end on the quick profile (tiny model, embedded data, local rubric
+judge): every stage, evaluation and the report; a second run skips finished stages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "pathvlm_r1.py"
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+def _run(*args, cache):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_VLM_CACHE": str(cache)}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          timeout=900, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    out = root / "run"
+    first = _run("--profile", "quick", "--out", str(out), "--no-progress", cache=root / "cache")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return out, first, root
+
+
+def test_every_stage_and_variant_is_trained_and_evaluated(quick_run):
+    out, first, _ = quick_run
+    for stage in ("alpha", "beta", "r1", "gamma", "delta", "epsilon"):
+        done = json.loads((out / "models" / stage / "DONE.json").read_text())
+        assert done["steps"] >= 1
+        assert (out / "models" / stage / "model.safetensors").is_file()
+        assert (out / "models" / stage / "preprocessor_config.json").is_file()
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    assert manifest  # the run records which data it used
+    sizes = {"test": 24, "ct": 4, "dermoscopy": 4, "fundus": 4, "oct": 4}
+    for variant in ("base", "alpha", "beta", "r1", "gamma", "delta", "epsilon"):
+        result = json.loads((out / "eval" / f"{variant}.json").read_text())
+        assert {k: v["n"] for k, v in result.items()} == sizes
+        for split in result.values():
+            assert 0.0 <= split["accuracy"] <= 1.0
+            assert split["accuracy"] == sum(p["correct"] for p in split["predictions"]) / split["n"]
+    # the process-reward stage talked to the judge and logged its reward
+    rows = [json.loads(x) for x in (out / "stages" / "r1" / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward/process/mean" in r and "judge/requests" in r for r in rows)
+    assert rows[-1]["judge/requests"] > 0
+
+
+def test_report_table_plots_and_html(quick_run):
+    out, _, _ = quick_run
+    report = (out / "report" / "report.md").read_text()
+    for name in ("Base", "Alpha (SFT)", "PathVLM-R1", "Gamma", "Delta", "Epsilon"):
+        assert name in report
+    header = next(line for line in report.splitlines() if line.startswith("| Variant | In-domain"))
+    assert [c.strip() for c in header.strip("|").split("|")][1:6] == ["In-domain (pathology)", "CT", "Dermoscopy",
+                                                                      "Fundus", "OCT"]
+    for png in ("accuracy_by_stage.png", "training_curves.png"):
+        with Image.open(out / "report" / png) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 200
+    page = (out / "report" / "samples.html").read_text()
+    assert page.count("data:image/png;base64,") == 12 and "PathVLM-R1 (Beta + process reward)" in page
+
+
+def test_second_run_skips_finished_stages(quick_run):
+    out, _, root = quick_run
+    again = _run("--profile", "quick", "--out", str(out), "--no-progress", cache=root / "cache")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done already") == 6 and "starting" not in again.stdout
+
+
+def test_a_stage_without_its_parent_is_refused(tmp_path):
+    result = _run("--profile", "quick", "--out", str(tmp_path / "x"), "--stages", "beta", cache=tmp_path / "c")
+    assert result.returncode != 0 and "needs stage alpha first" in result.stderr
