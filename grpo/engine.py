@@ -35,6 +35,28 @@ def lr_lambda(cfg: TrainingConfig):
     return f
 
 
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK``) when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(always: bool = False) -> None:
+    """Join the process group a launcher (torchrun, deepspeed) set up: NCCL on GPUs, gloo on CPU.
+    A no-op when already initialised, and in a single process unless ``always`` (DeepSpeed
+    needs a process group even then)."""
+    if dist.is_initialized() or (not always and int(os.environ.get("WORLD_SIZE", "1")) < 2):
+        return
+    import deepspeed
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _skip_shm_comm_build()
+    else:
+        torch.cuda.set_device(default_device())
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -48,8 +70,9 @@ class TorchEngine:
     world_size, rank, is_main = 1, 0, True
 
     def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, ref_module=None):
-        self.module, self.ref_module, self.cfg = module, ref_module, cfg
-        self.device = next(module.parameters()).device
+        self.cfg, self.device = cfg, default_device()
+        self.module = module.to(self.device)
+        self.ref_module = ref_module.to(self.device) if ref_module is not None else None
         self.optimizer = torch.optim.AdamW(trainable(module), lr=cfg.learning_rate,
                                            betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -65,7 +88,8 @@ class TorchEngine:
     def ref_forward(self, **kw):
         return self.ref_module(**kw)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """``last``: this is the optimizer step's final micro-batch (DeepSpeed reduces then)."""
         loss.backward()
 
     def nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
@@ -106,6 +130,9 @@ class TorchEngine:
 
     def barrier(self) -> None:
         pass
+
+    def all_gather_objects(self, obj) -> list:
+        return [obj]
 
     def save(self, folder: Path) -> None:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -166,11 +193,7 @@ class DeepSpeedEngine(TorchEngine):
 
     def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, ref_module=None):
         import deepspeed
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            _skip_shm_comm_build()
-        if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed(always=True)
         self.cfg, self.world_size, self.rank = cfg, dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
         ds = deepspeed_config(cfg, self.world_size, _hidden_size(module))
@@ -185,7 +208,11 @@ class DeepSpeedEngine(TorchEngine):
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
         self.module, self.device = self.engine, self.engine.device
         self.ref_module = None
-        if ref_module is not None:
+        if ref_module is not None and self.zero_stage != 3:
+            # ZeRO-0/1/2 partition optimizer state, not weights: a frozen model needs none of it
+            # (and DeepSpeed refuses stage 1/2 without an optimizer); each rank keeps a copy.
+            self.ref_module = ref_module.to(self.device).eval()
+        elif ref_module is not None:
             ref_ds = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
             ref_ds["zero_optimization"] = {**ds.get("zero_optimization", {})}
             ref_ds["zero_optimization"].pop("offload_optimizer", None)
@@ -195,14 +222,18 @@ class DeepSpeedEngine(TorchEngine):
     def model(self):
         return self.engine.module.model
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # The trainer already divides by the number of micro-batches (see grpo.trainer.loss_scale).
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        # DeepSpeed does the boundary work (gradient reduction across ranks, offload copies)
+        # inside backward(), so it must know which micro-batch is the step's last one before it.
+        # The trainer's loss already carries the global normaliser: no division by the number
+        # of micro-batches here (scale_wrt_gas=False).
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> float | None:
-        """Called once per optimizer step, after all micro-batches' backward passes. ZeRO
-        skips a step whose (all-reduced) grad norm is NaN/inf itself and flags ``overflow``;
-        that flag, not the norm, says whether the parameters moved."""
+        """Called once per optimizer step, after the last micro-batch's backward. ZeRO skips a
+        step whose (all-reduced) grad norm is NaN/inf itself and flags ``overflow``; that flag,
+        not the norm, says whether the parameters moved."""
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self.engine.set_gradient_accumulation_boundary(False)
@@ -256,6 +287,11 @@ class DeepSpeedEngine(TorchEngine):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def all_gather_objects(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")

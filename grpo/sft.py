@@ -66,7 +66,7 @@ class SFTTrainer(BaseTrainer):
             if self.engine.nonfinite_anywhere(loss):  # never backpropagate NaN/inf (see GRPOTrainer.update)
                 finite = False
                 break
-            self.engine.backward(loss)
+            self.engine.backward(loss, last=start + a.micro_batch_size >= len(items))
             loss_sum += float(loss.detach())  # x world: the mean over ranks is the global loss
             correct += float((logp.detach().exp() * m_mask).sum())
         grad_norm = self.engine.step() if finite else self.engine.discard_step()

@@ -152,13 +152,14 @@ class GRPOTrainer(BaseTrainer):
         a, t0 = self.args, time.perf_counter()
         sums: dict[str, float] = {}
         finite = True
-        for rows in self._micro_batches(len(batch.prompts)):
+        micro = self._micro_batches(len(batch.prompts))
+        for i, rows in enumerate(micro):
             logp, ent, w = self._forward(self.engine.forward, batch.prompts, batch.completions, rows)
             mask = batch.loss_mask[rows, :w]
             old = batch.old_logp[rows, :w] if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows, :w] if batch.ref_logp is not None else None
             per_token, m = grpo_token_loss(
-                logp, old, ref, batch.advantages[rows].to(logp.dtype), mask, beta=a.beta,
+                logp, old, ref, batch.advantages[rows].to(logp), mask, beta=a.beta,
                 eps_low=a.epsilon_low, eps_high=a.epsilon_high, dual_clip=a.dual_clip,
                 ratio_level=a.ratio_level, kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp)
             # Global normalisers make micro-batch losses sum to the full-batch loss; x world size
@@ -169,7 +170,7 @@ class GRPOTrainer(BaseTrainer):
             if self.engine.nonfinite_anywhere(loss):
                 finite = False
                 break
-            self.engine.backward(loss)
+            self.engine.backward(loss, last=i == len(micro) - 1)
             share = len(rows) / len(batch.prompts)
             m = {**{k: float(v) for k, v in m.items()}, "loss": float(loss.detach()),  # x world: the mean over ranks is the global loss
                  "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1))}

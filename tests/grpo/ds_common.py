@@ -21,11 +21,22 @@ ZERO3_TEST_CONFIG = {
 FIXED_BATCH = dict(prompts_per_step=2, loss_aggregation="token_mean", beta=0.04, num_iterations=2, max_steps=4)
 
 
+# The same comparison under ZeRO-2 and ZeRO-3 with the optimizer offloaded (the paper's set-up):
+# both reduce gradients inside backward() at the accumulation boundary, which the trainer must
+# announce before the step's last micro-batch.
+VARIANTS = {
+    "zero3": ZERO3_TEST_CONFIG,
+    "zero2": {**ZERO3_TEST_CONFIG, "zero_optimization": {"stage": 2, "reduce_bucket_size": 100000}},
+    "zero3_offload": {**ZERO3_TEST_CONFIG, "zero_optimization": {
+        **ZERO3_TEST_CONFIG["zero_optimization"], "offload_optimizer": {"device": "cpu", "pin_memory": False}}},
+}
+
+
 def write_ds_config(folder):
-    path = os.path.join(folder, "ds_zero3.json")
-    with open(path, "w") as f:
-        json.dump(ZERO3_TEST_CONFIG, f)
-    return path
+    for name, cfg in VARIANTS.items():
+        with open(os.path.join(folder, f"ds_{name}.json"), "w") as f:
+            json.dump(cfg, f)
+    return os.path.join(folder, "ds_zero3.json")
 
 
 class LengthReward(Reward):

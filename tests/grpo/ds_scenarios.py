@@ -24,6 +24,21 @@ from ds_common import ( # noqa: E402
     FIXED_BATCH, FixedSampler, LengthReward, dataset, gathered_params, make_config, tiny_model)
 
 
+def scenario_other_zero_stages(ckpt, out):
+    """ZeRO-2 and ZeRO-3 + optimizer offload on the fixed batch (gradient accumulation 2)."""
+    from grpo import GRPOTrainer
+    result = {}
+    for name in ("zero2", "zero3_offload"):
+        cfg = make_config(f"{out}/{name}", deepspeed=os.path.join(out, f"ds_{name}.json"), **FIXED_BATCH)
+        trainer = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
+                              processor=tiny_model.processor)
+        trainer.sampler = FixedSampler()
+        history = trainer.train()
+        result[name] = {"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
+                        "kl": [h["kl_mean"] for h in history], "zero_stage": trainer.engine.zero_stage}
+    return result
+
+
 def scenario_fixed_batch(ckpt, out):
     from grpo import GRPOTrainer
     import deepspeed
@@ -82,7 +97,7 @@ def scenario_resume(ckpt, out):
 def main():
     out, ckpt = sys.argv[1], sys.argv[2]
     result = {}
-    for fn in (scenario_fixed_batch, scenario_generate, scenario_resume):
+    for fn in (scenario_fixed_batch, scenario_other_zero_stages, scenario_generate, scenario_resume):
         t0 = time.time()
         result.update(fn(ckpt, out))
         result[f"time/{fn.__name__}"] = time.time() - t0

@@ -53,9 +53,9 @@ def record_updates(trainer):
         snaps.append((before, params(trainer)))
         return out
 
-    def recording_backward(loss):
+    def recording_backward(loss, last=True):
         losses.append(float(loss.detach()))
-        backward(loss)
+        backward(loss, last=last)
     trainer.update, trainer.engine.backward = recording_update, recording_backward
     return snaps, losses
 
