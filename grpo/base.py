@@ -14,7 +14,7 @@ from models.adapter import QwenVLAdapter
 
 from . import checkpoint as ckpt
 from .config import TrainingConfig
-from .engine import deepspeed_config, make_engine
+from .engine import deepspeed_config, init_distributed, make_engine
 from .logprobs import CompletionLogProbs
 from .metrics import MetricsLog
 from .samples import default_prompt
@@ -28,8 +28,11 @@ class BaseTrainer:
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
         self.args, self.dataset = args, train_dataset
+        from models.loading import ModelConfig
         if isinstance(model, (str, Path)):
-            model, processor, ref_model = self._load(str(model), processor, ref_model, needs_ref)
+            model = ModelConfig(str(model))
+        if isinstance(model, ModelConfig):  # loaded here, partitioned from the start under ZeRO-3
+            model, processor, ref_model = self._load(model, processor, ref_model, needs_ref)
         if processor is None and adapter is None:
             raise ValueError("pass processor= (models.load_processor(path)) or adapter=")
         self.adapter = adapter or QwenVLAdapter(processor)
@@ -44,24 +47,25 @@ class BaseTrainer:
         self.step = 0
         self.skipped_steps = 0  # optimizer steps not applied (non-finite loss or gradients), cumulative
 
-    def _load(self, path: str, processor, ref_model, needs_ref: bool):
-        from models.loading import ModelConfig, load_policy, load_processor, load_reference
-        cfg, keep_alive = ModelConfig(path), None
+    def _load(self, cfg, processor, ref_model, needs_ref: bool):
+        from models.loading import load_policy, load_processor, load_reference
+        path, keep_alive = cfg.path, None
         if self.args.deepspeed:
             ds = json.loads(Path(self.args.deepspeed).read_text())
             if ds.get("zero_optimization", {}).get("stage") == 3:
                 # ZeRO-3 models must be built partitioned: HfDeepSpeedConfig, alive while loading.
                 import torch.distributed as dist
-                from transformers.integrations import HfDeepSpeedConfig
-                world = dist.get_world_size() if dist.is_initialized() else 1
                 from transformers import AutoConfig
+                from transformers.integrations import HfDeepSpeedConfig
+                init_distributed(always=True)  # zero.Init partitions over the process group
+                world = dist.get_world_size()
                 hidden = getattr(AutoConfig.from_pretrained(path).text_config, "hidden_size", None)
                 keep_alive = HfDeepSpeedConfig(deepspeed_config(self.args, world, hidden))
         model = load_policy(cfg)
         if ref_model is None and needs_ref:
             ref_model = load_reference(cfg)
         del keep_alive
-        return model, processor or load_processor(path), ref_model
+        return model, processor or load_processor(path, cfg.min_pixels, cfg.max_pixels), ref_model
 
     # ---------------------------------------------------------------- data order
     def items_for_round(self, round_idx: int, per_rank: int) -> list:
@@ -146,10 +150,15 @@ class BaseTrainer:
     def mean_over_ranks(self, metrics: dict) -> dict:
         if self.engine.world_size == 1:
             return metrics
-        keys = sorted(metrics)
-        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.engine.device)
-        vals = self.engine.all_reduce_sum(vals) / self.engine.world_size
-        return dict(zip(keys, vals.tolist()))
+        # Ranks may hold different keys (e.g. judge/fail/<reason> only where a failure happened):
+        # reduce over the union of keys, each averaged over the ranks that have a finite value.
+        keys = sorted(set().union(*self.engine.all_gather_objects(sorted(metrics))))
+        vals = torch.tensor([float(metrics.get(k, float("nan"))) for k in keys], dtype=torch.float64)
+        have = torch.isfinite(vals)
+        both = torch.stack([torch.where(have, vals, torch.zeros_like(vals)), have.double()]).to(self.engine.device)
+        total, count = self.engine.all_reduce_sum(both).cpu()
+        mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+        return dict(zip(keys, mean.tolist()))
 
     def save_model(self, folder: str | Path) -> Path:
         """The trained policy as a plain Hugging Face folder (weights, tokenizer, image processor)."""

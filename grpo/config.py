@@ -224,6 +224,10 @@ def _grpo_errors(cfg: GRPOConfig) -> list[str]:
         errors.append(f"dual_clip={cfg.dual_clip}: must be > 1 (e.g. 3.0) or None")
     if cfg.advantage_eps < 0 or cfg.kl_clamp <= 0:
         errors.append(f"advantage_eps={cfg.advantage_eps}, kl_clamp={cfg.kl_clamp}: need eps >= 0, clamp > 0")
+    mu = cfg.num_iterations
+    if mu > 1 and (cfg.max_steps % mu or cfg.save_steps % mu):
+        errors.append(f"max_steps={cfg.max_steps} and save_steps={cfg.save_steps} must be multiples of "
+                      f"num_iterations={mu}: checkpoints are written only between generation rounds")
     if cfg.log_completions < 0:
         errors.append(f"log_completions={cfg.log_completions}: must be >= 0")
     w = cfg.reward_weights

@@ -59,7 +59,9 @@ class PromptBatch:
 
     def select(self, rows: torch.Tensor | list[int]) -> "PromptBatch":
         """Rows ``rows`` (in that order, repeats allowed) with their images' patches."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+        # Row indices live on the CPU (bookkeeping tensors like images_per_row do); CPU indices
+        # also index CUDA tensors, while comparing or indexing across devices raises.
+        rows = torch.as_tensor(rows, dtype=torch.long).cpu()
         if torch.equal(rows, torch.arange(len(self))):
             return self  # all rows in order: no copy (pixel_values can be hundreds of MB)
         if self.unique is not None:  # images stay with the distinct prompts: no per-row copies
