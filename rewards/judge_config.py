@@ -110,8 +110,14 @@ class JudgeConfig:
         return self.base_url.rstrip("/") + "/chat/completions"
 
     def resolve_api_key(self) -> str | None:
-        """The key from the environment (primary variable first), or None."""
-        for var in (self.api_key_env, self.api_key_fallback_env):
-            if var and os.environ.get(var):
-                return os.environ[var]
+        """The key from the environment, or None.
+
+        ``api_key_env`` (``JUDGE_API_KEY``) is sent to whatever judge the user configured. The
+        fallback (``OPENAI_API_KEY``) is an OpenAI credential, so it is sent only to OpenAI's
+        own host: a local rubric server or a vLLM box never receives it by accident."""
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            return os.environ[self.api_key_env]
+        fallback = self.api_key_fallback_env
+        if fallback and os.environ.get(fallback) and urlsplit(self.base_url).hostname == "api.openai.com":
+            return os.environ[fallback]
         return None

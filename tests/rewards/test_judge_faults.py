@@ -172,9 +172,12 @@ def test_api_key_is_sent_but_never_leaks(fault_server, tmp_path, monkeypatch, ca
              str(r.metrics()), path.read_bytes().decode("latin-1"), str(vars(r.client.config))]
     assert not [text for text in leaks if secret in text]
     monkeypatch.delenv("JUDGE_API_KEY")
+    # OPENAI_API_KEY is an OpenAI credential: never sent to another host (this local server) ...
     monkeypatch.setenv("OPENAI_API_KEY", "sk-fallback")
     run(reward(fault_server.url), [sample("key_fallback", "ok")])
-    assert fault_stats(fault_server.url)["key_fallback"]["auth"] == ["Bearer sk-fallback"]
+    assert fault_stats(fault_server.url)["key_fallback"]["auth"] == [None]
+    # ... but used for OpenAI itself when JUDGE_API_KEY is unset
+    assert JudgeConfig(base_url="https://api.openai.com/v1").resolve_api_key() == "sk-fallback"
     monkeypatch.delenv("OPENAI_API_KEY")
     run(reward(fault_server.url), [sample("key_none", "ok")])
     assert fault_stats(fault_server.url)["key_none"]["auth"] == [None]
