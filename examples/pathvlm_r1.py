@@ -42,6 +42,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 from grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 from grpo.config import SFTConfig  # noqa: E402
+from grpo.engine import default_device, init_distributed  # noqa: E402
 from grpo.evaluate import EvalResult, evaluate  # noqa: E402
 from grpo.sft import SFTTrainer  # noqa: E402
 from models import ModelConfig, load_policy, load_processor  # noqa: E402
@@ -112,6 +113,10 @@ def load_splits(args, profile: Profile, out: Path) -> dict:
     else:
         parts = data.embedded_splits(seed=args.seed, sizes=profile.sizes, ood_n=profile.ood_per_modality)
         parts = {k: parts[k] for k in ("sft", "rl", "test")} | {"ood": parts["ood"]}
+    for name in ("sft", "rl", "test"):
+        if not parts[name]:
+            raise SystemExit(f"the {name} split is empty: the dataset has too few valid records for "
+                             f"sizes {profile.sizes} (see the load report above)")
     if args.ood_data:
         ood_all = data.load_dataset(args.ood_data, layout="omnimedvqa", image_root=args.ood_image_root,
                                     skip_invalid=args.skip_invalid)
@@ -139,18 +144,29 @@ def base_model(args, parts: dict, out: Path, profile: Profile) -> Path:
     texts = [SYSTEM_PROMPT] + [build_messages(r)[1]["content"][-1]["text"] + " " + build_sft_target(r)
                                for r in parts["sft"]]
     spec = TinySpec(seed=args.seed, **dict(profile.tiny_model))
-    return ensure_tiny_checkpoint(out / "models" / "base", spec, corpus=default_corpus() + texts)
+    if is_main():  # one rank builds, the others wait and read it
+        ensure_tiny_checkpoint(out / "models" / "base", spec, corpus=default_corpus() + texts)
+    barrier()
+    return out / "models" / "base"
 
 
 # ------------------------------------------------------------------------------------------ stages
-def load(path: Path, profile: Profile):
-    cfg = ModelConfig(str(path), freeze_vision=profile.freeze_vision, min_pixels=profile.min_pixels,
-                      max_pixels=profile.max_pixels)
-    return load_policy(cfg), load_processor(path, profile.min_pixels, profile.max_pixels)
+def model_config(path: Path, profile: Profile) -> ModelConfig:
+    return ModelConfig(str(path), freeze_vision=profile.freeze_vision, min_pixels=profile.min_pixels,
+                       max_pixels=profile.max_pixels)
+
+
+def load(path: Path, profile: Profile, args):
+    """(model or its ModelConfig, processor). With DeepSpeed the trainer loads the model itself,
+    so that under ZeRO-3 it is partitioned while loading (a 7B model is never whole on a rank)."""
+    processor = load_processor(path, profile.min_pixels, profile.max_pixels)
+    if args.deepspeed:
+        return model_config(path, profile), processor
+    return load_policy(model_config(path, profile)), processor
 
 
 def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) -> dict:
-    model, processor = load(parent, profile)
+    model, processor = load(parent, profile, args)
     steps = max(1, round(profile.sft_epochs * len(records) / profile.sft_batch / world_size()))
     cfg = SFTConfig(batch_size=profile.sft_batch, micro_batch_size=profile.sft_micro_batch, max_steps=steps,
                     learning_rate=profile.sft_lr, lr_scheduler="cosine", warmup_steps=max(1, steps // 20),
@@ -164,7 +180,7 @@ def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) ->
 
 
 def grpo_stage(name, parent: Path, records, rewards, profile: Profile, args, out: Path) -> dict:
-    model, processor = load(parent, profile)
+    model, processor = load(parent, profile, args)
     steps = max(1, round(profile.grpo_epochs * len(records) / profile.prompts_per_step / world_size()))
     cfg = GRPOConfig(num_generations=profile.num_generations, prompts_per_step=profile.prompts_per_step,
                      micro_batch_size=profile.micro_batch, max_steps=steps, learning_rate=profile.grpo_lr,
@@ -183,6 +199,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run_stage(name: str, out: Path, fn) -> None:
     done = out / "models" / name / "DONE.json"
     if done.is_file():
@@ -194,6 +216,7 @@ def run_stage(name: str, out: Path, fn) -> None:
     summary["seconds"] = round(time.time() - t0, 1)
     if is_main():
         done.write_text(json.dumps(summary, indent=1))
+    barrier()  # no rank may look for DONE.json before rank 0 wrote it
     log(f"stage {name}: finished in {summary['seconds']} s {summary}")
 
 
@@ -204,8 +227,8 @@ def evaluate_variant(variant: str, path: Path, parts: dict, profile: Profile, ou
     if cache.is_file():
         raw = json.loads(cache.read_text())
         return {k: EvalResult(**v) for k, v in raw.items()}
-    model, processor = load(path, profile)
-    model.eval()
+    processor = load_processor(path, profile.min_pixels, profile.max_pixels)
+    model = load_policy(model_config(path, profile)).to(default_device()).eval()
     results = {}
     for split, records in [("test", parts["test"])] + sorted(parts["ood"].items()):
         if records:
@@ -214,7 +237,8 @@ def evaluate_variant(variant: str, path: Path, parts: dict, profile: Profile, ou
     if is_main():
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({k: asdict(v) for k, v in results.items()}))
-    log(f"eval {variant}: test {100 * results['test'].accuracy:.2f} %")
+    barrier()
+    log(f"eval {variant}: " + ", ".join(f"{k} {100 * v.accuracy:.2f} %" for k, v in results.items()))
     return results
 
 
@@ -255,6 +279,7 @@ def run(args, out: Path) -> dict:
     unknown = wanted - set(STAGES + ("eval", "report"))
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; choose from {STAGES + ('eval', 'report')}")
+    init_distributed()  # no-op in one process; evaluation alone also shards over the ranks
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
         (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1))
