@@ -14,6 +14,7 @@ Workers:
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,6 +35,17 @@ TINY = Path(os.environ.get("GRPO_BENCH_TINY", "/tmp/grpo-bench/tiny-qwen25vl"))
 
 # Target 3 of the performance issue: 4 prompts x G 4, 64 completion tokens, beta 0.04, seq-mean loss.
 DEFAULTS = dict(prompts=4, g=4, tokens=64, beta=0.04, image_px=224, steps=5, warmup=2, lr=1e-5, seed=0)
+
+
+def bench_parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """The options every step benchmark takes: --model, --out, --steps, --warmup (defaults from
+    DEFAULTS unless overridden)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a local Qwen2.5-VL checkpoint (default: the tiny one)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/<name>.json)")
+    p.add_argument("--steps", type=int, default=defaults.get("steps", DEFAULTS["steps"]))
+    p.add_argument("--warmup", type=int, default=defaults.get("warmup", DEFAULTS["warmup"]))
+    return p
 
 
 def setup_torch():

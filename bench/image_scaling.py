@@ -10,21 +10,15 @@ Target: at 1,024 image tokens, with / without <= 0.5.
 """
 from __future__ import annotations
 
-import argparse
-
-from harness import DEFAULTS, run_worker, versions, write
+from harness import DEFAULTS, bench_parser, run_worker, versions, write
 
 TARGET = 0.5
 SIZES = {64: 224, 256: 448, 576: 672, 1024: 896}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", default=None)
+    p = bench_parser(__doc__, steps=3, warmup=1)
     p.add_argument("--tokens", type=int, default=192)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
     a = p.parse_args(argv)
     rows = []
     for image_tokens, px in SIZES.items():

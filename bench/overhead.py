@@ -12,20 +12,14 @@ library costs.
 """
 from __future__ import annotations
 
-import argparse
-
-from harness import DEFAULTS, run_worker, versions, write
+from harness import DEFAULTS, bench_parser, run_worker, versions, write
 
 TARGET = 1.15
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    a = p.parse_args(argv)
-    cfg = {**DEFAULTS, "steps": a.steps, "model": a.model}
+    a = bench_parser(__doc__).parse_args(argv)
+    cfg = {**DEFAULTS, "steps": a.steps, "warmup": a.warmup, "model": a.model}
     bare = run_worker("bare", cfg)
     ours = run_worker("ours", cfg)
     ours_no_reuse = run_worker("ours", {**cfg, "reuse": False})

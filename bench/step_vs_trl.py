@@ -11,20 +11,13 @@ own fresh process (peak memory = that process's ru_maxrss); median of --steps st
 """
 from __future__ import annotations
 
-import argparse
-
-from harness import DEFAULTS, run_worker, versions, write
+from harness import DEFAULTS, bench_parser, run_worker, versions, write
 
 TARGET = 0.5
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--warmup", type=int, default=DEFAULTS["warmup"])
-    a = p.parse_args(argv)
+    a = bench_parser(__doc__).parse_args(argv)
     cfg = {**DEFAULTS, "steps": a.steps, "warmup": a.warmup, "model": a.model}
     trl = run_worker("trl", cfg)
     ours = run_worker("ours", cfg)

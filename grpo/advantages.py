@@ -16,28 +16,15 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import Tensor
 
+from grpo.registry import lookup, registrar
+
 __all__ = ["ADVANTAGE_SCALES", "register_advantage_scale", "group_advantages", "combine_rewards"]
 
 # name -> fn(centred (B, G), group_std (B, 1), batch_std (), eps) -> adv (B, G)
 ADVANTAGE_SCALES: Dict[str, Callable[..., Tensor]] = {}
 
 
-def register_advantage_scale(*names: str):
-    """Decorator: register an advantage-scaling rule under one or more names."""
-
-    def deco(fn):
-        for n in names:
-            ADVANTAGE_SCALES[n] = fn
-        return fn
-
-    return deco
-
-
-def _lookup(registry: dict, name: str, what: str):
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; valid names: {sorted(registry)}") from None
+register_advantage_scale = registrar(ADVANTAGE_SCALES)  # decorator: @register_advantage_scale("name")
 
 
 @register_advantage_scale("group")
@@ -87,7 +74,7 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
             no learning signal), ``reward_mean`` / ``reward_std`` (over all valid rewards,
             unbiased std), ``abstain_frac`` (fraction of NaN rewards).
     """
-    fn = _lookup(ADVANTAGE_SCALES, scale, "advantage scale")
+    fn = lookup(ADVANTAGE_SCALES, scale, "advantage scale")
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (B, G), got shape {tuple(rewards.shape)}")
     r = rewards if rewards.is_floating_point() else rewards.float()

@@ -17,6 +17,8 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from grpo.registry import lookup, registrar
+
 __all__ = [
     "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_AGGREGATIONS",
     "register_kl_estimator", "register_ratio_level", "register_loss_aggregation",
@@ -30,26 +32,9 @@ RATIO_LEVELS: Dict[str, Callable[..., Tensor]] = {}       # name -> fn(log_ratio
 LOSS_AGGREGATIONS: Dict[str, Callable[..., Tensor]] = {}  # name -> fn(loss, mask, *, num_tokens, num_sequences, max_completion_length) -> ()
 
 
-def _registrar(registry: dict):
-    def register(*names: str):
-        def deco(fn):
-            for n in names:
-                registry[n] = fn
-            return fn
-        return deco
-    return register
-
-
-register_kl_estimator = _registrar(KL_ESTIMATORS)
-register_ratio_level = _registrar(RATIO_LEVELS)
-register_loss_aggregation = _registrar(LOSS_AGGREGATIONS)
-
-
-def _lookup(registry: dict, name: str, what: str):
-    try:
-        return registry[name]
-    except KeyError:
-        raise ValueError(f"unknown {what} {name!r}; valid names: {sorted(registry)}") from None
+register_kl_estimator = registrar(KL_ESTIMATORS)
+register_ratio_level = registrar(RATIO_LEVELS)
+register_loss_aggregation = registrar(LOSS_AGGREGATIONS)
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim=None) -> Tensor:
@@ -121,7 +106,7 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", clamp: Opt
     Returns:
         kl: ``(N, T)``, computed at every position (mask it yourself).
     """
-    return _lookup(KL_ESTIMATORS, estimator, "KL estimator")(logp, ref_logp, clamp)
+    return lookup(KL_ESTIMATORS, estimator, "KL estimator")(logp, ref_logp, clamp)
 
 
 # --------------------------------------------------------------------------- ratio levels
@@ -183,7 +168,7 @@ def policy_loss(
     """
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    level_fn = _lookup(RATIO_LEVELS, ratio_level, "ratio level")
+    level_fn = lookup(RATIO_LEVELS, ratio_level, "ratio level")
     m = mask.bool()                                                           # (N, T)
     if old_logp is None:
         old_logp = logp.detach()
@@ -324,6 +309,6 @@ def aggregate_loss(
 
     Returns a 0-dim tensor.
     """
-    fn = _lookup(LOSS_AGGREGATIONS, mode, "loss aggregation")
+    fn = lookup(LOSS_AGGREGATIONS, mode, "loss aggregation")
     return fn(per_token_loss, mask.bool(), num_tokens=num_tokens, num_sequences=num_sequences,
               max_completion_length=max_completion_length)
