@@ -82,7 +82,7 @@ class Profile:
 
 
 PAPER = Profile()
-TINY = Profile(sft_lr=2e-3, sft_epochs=1.0, sft_batch=16, sft_micro_batch=16, grpo_lr=2e-4, grpo_epochs=1.0,
+TINY = Profile(sft_lr=2e-3, sft_epochs=1.0, sft_batch=16, sft_micro_batch=16, grpo_lr=2e-4, grpo_epochs=0.75,
                prompts_per_step=8, micro_batch=32, max_completion_length=160, eval_batch=64,
                freeze_vision=False, ood_per_modality=100,
                # vision 128 / text 256 wide: the ~1M-parameter default plateaus at chance on the
