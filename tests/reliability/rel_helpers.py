@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import spawn_fault_judge  # noqa: F401  (re-exported for the reliability tests)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -94,12 +95,4 @@ def weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model" / "model.safetensors"))
 
 
-def spawn_fault_judge():
-    """tests/rewards/fault_judge.py as a subprocess; returns a LocalJudge handle."""
-    from rewards.judge_server import LocalJudge
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/rewards/fault_judge.py")], stdout=subprocess.PIPE,
-                            text=True, env=env)
-    line = proc.stdout.readline()
-    assert line.startswith("JUDGE_URL="), f"fault server did not start: {line!r}"
-    return LocalJudge(proc, line.strip().split("=", 1)[1])
+

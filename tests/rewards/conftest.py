@@ -1,28 +1,12 @@
 """Fixtures for the reward tests: real server subprocesses on 127.0.0.1 (free ports)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import httpx
 import pytest
+from helpers import spawn_fault_judge as spawn_fault_server  # shared with tests/reliability
 
-from rewards.judge_server import LocalJudge, start_local_judge
+from rewards.judge_server import start_local_judge
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-
-
-def spawn_fault_server() -> LocalJudge:
-    """Start tests/rewards/fault_judge.py and wait for its JUDGE_URL line."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(HERE / "fault_judge.py")], stdout=subprocess.PIPE,
-                            text=True, env=env)
-    line = proc.stdout.readline()
-    assert line.startswith("JUDGE_URL="), f"fault server did not start: {line!r}"
-    return LocalJudge(proc, line.strip().split("=", 1)[1])
 
 
 @pytest.fixture(scope="module")
