@@ -80,6 +80,11 @@ class BaseTrainer:
             out.append(self.dataset[int(perms[epoch][pos])])
         return out
 
+    def micro_batches(self, n: int) -> list[list[int]]:
+        """Row indices of each micro-batch of an n-row step batch."""
+        size = self.args.micro_batch_size
+        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
     # ---------------------------------------------------------------- loop
     def training_step(self, step: int) -> dict:
         raise NotImplementedError

@@ -57,8 +57,8 @@ class SFTTrainer(BaseTrainer):
         ids, mask = (t.to(self.engine.device) for t in self.encode_targets(items))
         num_tokens = float(self.engine.all_reduce_sum(mask.sum().float()))
         loss_sum, correct, finite = 0.0, 0.0, True
-        for start in range(0, len(items), a.micro_batch_size):
-            rows = list(range(start, min(start + a.micro_batch_size, len(items))))
+        micro = self.micro_batches(len(items))
+        for i, rows in enumerate(micro):
             m_ids, m_mask = ids[rows], mask[rows]
             logp, _ = self.engine.forward(completion_ids=m_ids, temperature=1.0,
                                           **self.adapter.forward_inputs(prompts.select(rows), m_ids, m_mask))
@@ -66,7 +66,7 @@ class SFTTrainer(BaseTrainer):
             if self.engine.nonfinite_anywhere(loss):  # never backpropagate NaN/inf (see GRPOTrainer.update)
                 finite = False
                 break
-            self.engine.backward(loss, last=start + a.micro_batch_size >= len(items))
+            self.engine.backward(loss, last=i == len(micro) - 1)
             loss_sum += float(loss.detach())  # x world: the mean over ranks is the global loss
             correct += float((logp.detach().exp() * m_mask).sum())
         grad_norm = self.engine.step() if finite else self.engine.discard_step()

@@ -114,17 +114,13 @@ class GRPOTrainer(BaseTrainer):
         old_logp = self._logprobs(self.engine.forward, prompts, comp) if a.num_iterations > 1 else None
         ref_logp = self._logprobs(self.engine.ref_forward, prompts, comp) if a.beta > 0 else None
         timings["time/logprobs"] = time.perf_counter() - t0
-        num_tokens = float(self.engine.all_reduce_sum(loss_mask.sum().float().to(self.engine.device)))
-        num_seqs = float(self.engine.all_reduce_sum((loss_mask.sum(1) > 0).sum().float().to(self.engine.device)))
+        counts = torch.stack([loss_mask.sum(), (loss_mask.sum(1) > 0).sum()]).float()   # one collective
+        num_tokens, num_seqs = self.engine.all_reduce_sum(counts.to(self.engine.device)).tolist()
         adv_metrics = {_ADV_METRIC_NAMES[k]: float(v) for k, v in adv_metrics.items()}
         metrics = {**reward_metrics, **adv_metrics, **timings,
                    **self._rollout_metrics(scores, comp)}
         self._log_completions(round_idx, items, texts, combined)
         return Batch(prompts, comp, loss_mask, adv, old_logp, ref_logp, num_tokens, num_seqs, metrics)
-
-    def _micro_batches(self, n: int):
-        size = self.args.micro_batch_size
-        return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
     def _forward(self, fn, prompts: PromptBatch, comp: Completions, rows: list[int]):
         pb, ids, mask = prompts.select(rows), comp.ids[rows], comp.mask[rows]
@@ -139,7 +135,7 @@ class GRPOTrainer(BaseTrainer):
 
     def _logprobs(self, fn, prompts: PromptBatch, comp: Completions) -> torch.Tensor:
         out = torch.zeros(comp.ids.shape, dtype=torch.float32, device=comp.ids.device)
-        for rows in self._micro_batches(len(prompts)):
+        for rows in self.micro_batches(len(prompts)):
             logp, _, width = self._forward(fn, prompts, comp, rows)
             out[rows, :width] = logp.float()
         return out
@@ -152,7 +148,7 @@ class GRPOTrainer(BaseTrainer):
         a, t0 = self.args, time.perf_counter()
         sums: dict[str, float] = {}
         finite = True
-        micro = self._micro_batches(len(batch.prompts))
+        micro = self.micro_batches(len(batch.prompts))
         for i, rows in enumerate(micro):
             logp, ent, w = self._forward(self.engine.forward, batch.prompts, batch.completions, rows)
             mask = batch.loss_mask[rows, :w]
@@ -203,11 +199,13 @@ class GRPOTrainer(BaseTrainer):
 
     # ---------------------------------------------------------------- metrics
     def _rollout_metrics(self, scores: torch.Tensor, comp: Completions) -> dict:
-        lengths = self.engine.all_gather_cat(comp.lengths.float().to(self.engine.device)).cpu()
-        trunc = self.engine.all_gather_cat(comp.truncated.float().to(self.engine.device)).cpu()
         valid = ~torch.isnan(scores)
-        # Abstain rates over all ranks, so the abstain guard stops every rank at the same step.
-        abstained = self.engine.all_gather_cat((~valid).float().to(self.engine.device)).cpu()  # (world*N, R)
+        # One gather of per-row stats (N, 2 + R) over all ranks; abstain rates are global so the
+        # abstain guard stops every rank at the same step.
+        rows = torch.cat([comp.lengths.float().unsqueeze(1).cpu(), comp.truncated.float().unsqueeze(1).cpu(),
+                          (~valid).float()], 1)
+        rows = self.engine.all_gather_cat(rows.to(self.engine.device)).cpu()
+        lengths, trunc, abstained = rows[:, 0], rows[:, 1], rows[:, 2:]                      # (world*N, ...)
         out = {"completion/length_mean": float(lengths.mean()), "completion/length_min": float(lengths.min()),
                "completion/length_max": float(lengths.max()), "completion/truncated_frac": float(trunc.mean())}
         for j, r in enumerate(self.rewards):
