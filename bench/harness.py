@@ -163,8 +163,9 @@ def worker_ours(cfg: dict) -> dict:
                       learning_rate=cfg["lr"], loss_aggregation="seq_mean_token_mean", seed=cfg["seed"],
                       reuse_prompts=cfg.get("reuse", True), output_dir="/tmp/grpo-bench/ours", progress_bar=False)
     trainer = GRPOTrainer(model, [LengthReward()], args=args, train_dataset=items, adapter=ForcedLength(proc))
-    if cfg.get("sampler") == "hf":
-        from grpo.rollout import sample_hf
+    if cfg.get("sampler") == "hf":  # the "before": HF generate on every row, kept with the tests
+        sys.path.insert(0, str(ROOT / "tests" / "grpo"))
+        from hf_reference import sample_hf
         trainer.sampler = sample_hf
     times, parts = [], []
     for step in range(cfg["steps"] + cfg["warmup"]):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runnable from a plain checkout
 
 from rewards import JudgeConfig, ProcessReward, RewardSample, score_all  # noqa: E402
-from rewards.judge_server import start_local_judge  # noqa: E402
+from rewards.judge.server import start_local_judge  # noqa: E402
 
 
 def make_samples(n: int) -> list[RewardSample]:

@@ -1,4 +1,5 @@
-"""Peak memory of completion log-probs: ours (``grpo.logprobs``) against a full-vocabulary log-softmax.
+"""Peak memory of completion log-probs: ours (``grpo.core.token_logprobs_from_hidden``, what the trainer
+runs) against a full-vocabulary log-softmax.
 
 At Qwen2.5's real vocabulary (151,936 rows of the output projection), 16 completions (4 prompts x
 G 4) of 384 tokens (twice the paper's length), hidden size 896 (Qwen2.5-0.5B's width; the hidden
@@ -30,7 +31,7 @@ VOCAB = 151_936
 def measure(variant: str, n: int, t: int, hidden: int, chunk: int) -> dict:
     import torch
     torch.set_num_threads(1)
-    from grpo.logprobs import token_logprobs_from_hidden
+    from grpo.core import token_logprobs_from_hidden
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, VOCAB, bias=False)
     h = torch.randn(n, t, hidden, requires_grad=True)

@@ -41,8 +41,8 @@ class BaseTrainer:
             import copy
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()  # the starting policy
         torch.manual_seed(args.seed)
-        ref = CompletionLogProbs(ref_model, args.logprob_chunk_size) if needs_ref else None
-        self.engine = make_engine(CompletionLogProbs(model, args.logprob_chunk_size), args, ref)
+        ref = CompletionLogProbs(ref_model, self.adapter, args.logprob_chunk_size) if needs_ref else None
+        self.engine = make_engine(CompletionLogProbs(model, self.adapter, args.logprob_chunk_size), args, ref)
         self.output_dir = Path(args.output_dir)
         self.step = 0
         self.skipped_steps = 0  # optimizer steps not applied (non-finite loss or gradients), cumulative

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import core
+
 
 @dataclass(frozen=True)
 class TrainingConfig:
@@ -75,7 +77,7 @@ class GRPOConfig(TrainingConfig):
     mask_truncated_completions: bool = False  # drop completions that never emitted EOS from the loss
     # --- objective ---
     beta: float = 0.04                  # KL coefficient (paper: 0.04); 0 = no reference model
-    kl_estimator: str = "k3"            # "k1", "k2", "k3" (paper: k3)
+    kl_estimator: str = "k3"            # "k1", "k2", "k3" (paper: k3); any name in core.KL_ESTIMATORS
     kl_clamp: float = 10.0              # clamp on the log-ratio inside the KL estimator
     epsilon_low: float = 0.2            # lower clip 1 - eps_low
     epsilon_high: float = 0.2           # upper clip 1 + eps_high (DAPO clip-higher: 0.28)
@@ -115,14 +117,20 @@ class SFTConfig(TrainingConfig):
         return self.batch_size
 
 
+# Fields whose value names a function of grpo.core: the valid values are that registry's names, so a
+# newly registered variant is configurable at once.
 _CHOICES = {
-    "lr_scheduler": ("constant", "linear", "cosine"),
-    "kl_estimator": ("k1", "k2", "k3"),
-    "ratio_level": ("token", "sequence"),
-    "advantage_scale": ("group", "batch", "none"),
-    "loss_aggregation": ("seq_mean_token_mean", "grpo", "token_mean", "bnpo", "dapo",
-                         "seq_mean_token_sum_norm", "dr_grpo"),
+    "lr_scheduler": core.LR_SCHEDULES,
+    "kl_estimator": core.KL_ESTIMATORS,
+    "ratio_level": core.RATIO_LEVELS,
+    "advantage_scale": core.ADVANTAGE_SCALES,
+    "loss_aggregation": core.LOSS_AGGREGATIONS,
 }
+
+
+def _choice_error(name: str, value, registry: core.Registry) -> str:
+    aliases = f" (aliases: {', '.join(registry.aliases)})" if registry.aliases else ""
+    return f"{name}={value!r}: choose one of {', '.join(registry.canonical)}{aliases}"
 
 
 def _type_errors(cfg) -> list[str]:
@@ -151,9 +159,9 @@ def validate(cfg: TrainingConfig) -> list[str]:
     errors = _type_errors(cfg)
     if errors:
         return errors
-    for name, choices in _CHOICES.items():
-        if hasattr(cfg, name) and getattr(cfg, name) not in choices:
-            errors.append(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(choices)}")
+    for name, registry in _CHOICES.items():
+        if hasattr(cfg, name) and getattr(cfg, name) not in registry:
+            errors.append(_choice_error(name, getattr(cfg, name), registry))
     positive = ("num_generations", "prompts_per_step", "batch_size", "micro_batch_size", "max_steps",
                 "max_completion_length", "max_target_length", "num_iterations", "logprob_chunk_size",
                 "logging_steps")

@@ -1,139 +1,612 @@
-"""GRPO algorithm core: pure tensor functions (no model / tokenizer / config objects).
+"""GRPO algorithm core: every formula of a GRPO step as a pure tensor function.
 
-This module holds the logit-level helpers and re-exports the rest:
+No model, tokenizer or config object comes in here; the one module argument is the output
+projection ``head`` of :func:`token_logprobs_from_hidden`, used as a function of its input.
+Each variant of the algorithm is a free function filed under a name in a :class:`Registry`
+(``@KL_ESTIMATORS.register("k3", "low_var_kl")``), chosen by that name in ``GRPOConfig``, whose
+validation accepts exactly the registered names; never an if-chain (the layout of verl's
+``core_algos.py``). An unknown name raises ``ValueError`` listing the valid ones.
 
-* :mod:`grpo.advantages`: ``group_advantages``, ``combine_rewards``, ``ADVANTAGE_SCALES``
-* :mod:`grpo.losses`: ``kl_penalty``, ``policy_loss``, ``grpo_token_loss``,
-  ``aggregate_loss``, ``masked_mean``, ``KL_ESTIMATORS``, ``RATIO_LEVELS``, ``LOSS_AGGREGATIONS``
-* here: ``selective_log_softmax``, ``entropy_from_logits``
+Sections, in the order one step uses them:
 
-Formulas, conventions and references: docs/algorithms.md.
+1. registries           ``Registry``, ``lookup``
+2. rewards, advantages  ``combine_rewards``, ``group_advantages``          (``ADVANTAGE_SCALES``)
+3. token log-probs      ``token_logprobs_from_hidden``: chunked log-softmax over the output head
+4. masked reductions    ``masked_sum``, ``masked_mean``
+5. KL estimators        ``kl_penalty``                                    (``KL_ESTIMATORS``)
+6. importance ratios    ``importance_ratio``                              (``RATIO_LEVELS``)
+7. clipped surrogate    ``clipped_surrogate``, ``policy_loss``, ``grpo_token_loss``
+8. loss aggregation     ``aggregate_loss``                                (``LOSS_AGGREGATIONS``)
+9. LR schedules         multiplier on the base learning rate               (``LR_SCHEDULES``)
+
+Shapes: B prompts x G completions each = N sequences, T completion tokens, V vocabulary, H hidden
+size. ``mask`` ``(N, T)`` is treated as boolean (nonzero = valid completion token). Values at
+padded positions may be garbage (even inf/NaN): they are replaced *before* any nonlinearity, so
+neither a loss nor its gradient is polluted. NaN in a reward tensor means "abstained" (e.g. a
+judge call failed). Metrics are detached 0-dim tensors (no host sync; all-reduce friendly).
+
+Formulas, conventions and references: docs/algorithms.md. GRPO, DeepSeekMath arXiv 2402.03300;
+PPO clipping arXiv 1707.06347; DAPO (clip-higher, token-level loss) arXiv 2503.14476; Dr. GRPO
+arXiv 2503.20783; GSPO arXiv 2507.18071; dual-clip PPO arXiv 1912.09729; k1/k2/k3 from
+J. Schulman, "Approximating KL divergence" (joschu.net/blog/kl-approx.html, 2020).
 """
 from __future__ import annotations
 
+import math
+from typing import Dict, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
-
-from grpo.advantages import ADVANTAGE_SCALES, combine_rewards, group_advantages, register_advantage_scale
-from grpo.losses import (
-    KL_ESTIMATORS,
-    LOSS_AGGREGATIONS,
-    RATIO_LEVELS,
-    aggregate_loss,
-    grpo_token_loss,
-    kl_penalty,
-    masked_mean,
-    masked_sum,
-    policy_loss,
-    register_kl_estimator,
-    register_loss_aggregation,
-    register_ratio_level,
-)
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
-    "ADVANTAGE_SCALES", "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_AGGREGATIONS",
+    "Registry", "lookup",
+    "ADVANTAGE_SCALES", "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_AGGREGATIONS", "LR_SCHEDULES",
     "register_advantage_scale", "register_kl_estimator", "register_ratio_level", "register_loss_aggregation",
-    "group_advantages", "combine_rewards", "kl_penalty", "policy_loss", "grpo_token_loss",
-    "aggregate_loss", "masked_mean", "masked_sum", "selective_log_softmax", "entropy_from_logits",
+    "combine_rewards", "group_advantages", "token_logprobs_from_hidden", "MAX_CHUNK_LOGITS",
+    "masked_sum", "masked_mean", "kl_penalty", "importance_ratio", "clipped_surrogate", "policy_loss",
+    "grpo_token_loss", "aggregate_loss",
 ]
 
-DEFAULT_CHUNK_ROWS = 256  # rows (token positions) per chunk: 256 x 152k vocab x 4 B ~ 150 MB in fp32
+Number = Union[int, float, Tensor]
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # logsumexp over a ~150k vocabulary in bf16/fp16 is too coarse: work in fp32 chunk by chunk.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+# =========================================================================== 1. registries
+
+class Registry(dict):
+    """name -> function, filled by the :meth:`register` decorator. ``canonical`` lists the first
+    name of each registered function in registration order; the other names are ``aliases``."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what                      # what a name names, for error messages
+        self.canonical: list[str] = []
+
+    def register(self, *names: str):
+        """``@REGISTRY.register("name", "alias", ...)``: file the function under each name."""
+        def deco(fn):
+            for n in names:
+                self[n] = fn
+            if names[0] not in self.canonical:
+                self.canonical.append(names[0])
+            return fn
+        return deco
+
+    @property
+    def aliases(self) -> list[str]:
+        return [n for n in self if n not in self.canonical]
 
 
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log_softmax(logits / temperature).gather(-1, index), chunked in forward AND backward.
-
-    Forward keeps only the per-row logsumexp ``(rows,)``; backward recomputes the softmax one
-    chunk at a time: d out_r / d z_{r,v} = (1[v = index_r] - softmax(z_r / tau)_v) / tau.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, index: Tensor, chunk_size: int, temperature: float) -> Tensor:
-        V = logits.shape[-1]
-        flat = logits.reshape(-1, V)                             # (R, V), R = N*T
-        idx = index.reshape(-1, 1).long()                        # (R, 1)
-        cdt = _compute_dtype(logits.dtype)
-        out = torch.empty(flat.shape[0], dtype=cdt, device=logits.device)   # (R,)
-        lse = torch.empty_like(out)                                          # (R,)
-        for s in range(0, flat.shape[0], chunk_size):
-            z = flat[s:s + chunk_size].to(cdt)                   # (C, V)
-            if temperature != 1.0:
-                z = z / temperature
-            lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
-            out[s:s + chunk_size] = z.gather(-1, idx[s:s + chunk_size]).squeeze(-1) - lse[s:s + chunk_size]
-        ctx.save_for_backward(logits, idx, lse)
-        ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return out.view(index.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        logits, idx, lse = ctx.saved_tensors
-        V, cs, tau = logits.shape[-1], ctx.chunk_size, ctx.temperature
-        flat = logits.reshape(-1, V)                             # (R, V)
-        cdt = lse.dtype
-        go = grad_out.reshape(-1, 1).to(cdt)                     # (R, 1)
-        grad = torch.empty_like(flat)                            # (R, V), logits dtype
-        for s in range(0, flat.shape[0], cs):
-            z = flat[s:s + cs].to(cdt)
-            if tau != 1.0:
-                z = z / tau
-            g = -torch.exp(z - lse[s:s + cs, None]) * go[s:s + cs]   # (C, V): -p * grad
-            g.scatter_add_(-1, idx[s:s + cs], go[s:s + cs])          # + 1[v = index] * grad
-            if tau != 1.0:
-                g = g / tau
-            grad[s:s + cs] = g.to(grad.dtype)
-        return grad.view_as(logits), None, None, None
+def lookup(registry: Registry, name: str):
+    """``registry[name]``, or ``ValueError`` naming every valid name."""
+    try:
+        return registry[name]
+    except KeyError:
+        raise ValueError(f"unknown {registry.what} {name!r}; valid names: {sorted(registry)}") from None
 
 
-def selective_log_softmax(
-    logits: Tensor, index: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS, temperature: float = 1.0
-) -> Tensor:
-    """Log-probabilities of the chosen tokens without a full log-softmax tensor.
+# name -> fn(centred (B, G), group_std (B, 1), batch_std (), eps) -> adv (B, G)
+ADVANTAGE_SCALES = Registry("advantage scale")
+# name -> fn(logp (N, T), ref_logp (N, T), clamp) -> kl (N, T)
+KL_ESTIMATORS = Registry("KL estimator")
+# name -> fn(log_ratio (N, T), logp (N, T), mask (N, T) bool) -> log ratio used per token (N, T)
+RATIO_LEVELS = Registry("ratio level")
+# name -> fn(loss (N, T), mask (N, T) bool, *, num_tokens, num_sequences, max_completion_length) -> ()
+LOSS_AGGREGATIONS = Registry("loss aggregation")
+# name -> fn(progress: float, 0 at the end of warm-up, 1 at max_steps) -> multiplier on the base LR
+LR_SCHEDULES = Registry("lr scheduler")
+
+register_advantage_scale = ADVANTAGE_SCALES.register    # decorator: @register_advantage_scale("name")
+register_kl_estimator = KL_ESTIMATORS.register
+register_ratio_level = RATIO_LEVELS.register
+register_loss_aggregation = LOSS_AGGREGATIONS.register
+
+
+# =========================================================================== 2. rewards, advantages
+# NaN = abstained: an abstained sample is left out of its group's mean / std and gets advantage
+# exactly 0. Standard deviations are Bessel-corrected (unbiased, divide by n - 1), the
+# ``torch.std`` default that TRL's GRPOTrainer and verl's GRPO advantage use. With fewer than two
+# valid rewards the std is defined as 0 (such a group gets advantage 0 anyway).
+
+def combine_rewards(rewards: Tensor, weights: Tensor) -> Tensor:
+    """Weighted sum of several reward functions, NaN-aware.
 
     Args:
-        logits: ``(N, T, V)`` (any leading dims ``(..., V)``).
-        index: ``(N, T)`` (``(...)``) token ids.
-        chunk_size: rows (token positions) processed at once; peak extra memory is
-            ``chunk_size x V`` in forward and backward (plus the ``(N, T, V)`` gradient itself).
-        temperature: logits are divided by it first (use the sampling temperature so the
-            log-probs are those of the distribution the completions were sampled from).
+        rewards: ``(N, R)``: N samples x R reward functions, NaN = that function abstained.
+        weights: ``(R,)``.
 
     Returns:
-        ``(N, T)``: ``log_softmax(logits / temperature)[..., index]``. fp32 for fp16/bf16
-        logits (computed chunk-wise in fp32), else ``logits.dtype``. Differentiable w.r.t.
-        ``logits`` (first-order).
+        ``(N,)``: sum over the non-NaN columns of ``w_j * r_j`` (an abstaining reward
+        contributes nothing, like TRL's ``nansum``). A row where EVERY column is NaN stays
+        NaN, so that :func:`group_advantages` treats the whole sample as abstained and leaves
+        it out of its group's baseline, instead of scoring it 0 (which would be a real,
+        usually punishing, reward).
+    """
+    if rewards.dim() != 2 or weights.dim() != 1 or weights.shape[0] != rewards.shape[1]:
+        raise ValueError(f"need rewards (N, R) and weights (R,), got {tuple(rewards.shape)} and {tuple(weights.shape)}")
+    valid = ~torch.isnan(rewards)                                               # (N, R)
+    w = weights.to(rewards.dtype)
+    contrib = torch.where(valid, rewards * w, torch.zeros_like(rewards))        # (N, R)
+    combined = contrib.sum(dim=1)                                               # (N,)
+    return torch.where(valid.any(dim=1), combined, torch.full_like(combined, float("nan")))
+
+
+@register_advantage_scale("group")
+def _scale_group(centred: Tensor, group_std: Tensor, batch_std: Tensor, eps: float) -> Tensor:
+    # Paper GRPO: A_i = (r_i - mean(r)) / std(r) within the group (DeepSeekMath arXiv 2402.03300, Sec. 4.1.2)
+    return centred / (group_std + eps)
+
+
+@register_advantage_scale("batch")
+def _scale_batch(centred: Tensor, group_std: Tensor, batch_std: Tensor, eps: float) -> Tensor:
+    # Group mean baseline, batch-wide std (TRL scale_rewards="batch"; REINFORCE++-baseline, arXiv 2501.03262)
+    return centred / (batch_std + eps)
+
+
+@register_advantage_scale("none")
+def _scale_none(centred: Tensor, group_std: Tensor, batch_std: Tensor, eps: float) -> Tensor:
+    # Dr. GRPO drops std scaling (question-level difficulty bias), arXiv 2503.20783
+    return centred
+
+
+def _nan_std(x: Tensor, valid: Tensor, dim=None, keepdim=False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mean, unbiased std and count over entries where ``valid``; std := 0 when count < 2."""
+    xz = torch.where(valid, x, torch.zeros_like(x))
+    n = valid.sum(dim=dim, keepdim=keepdim).to(x.dtype) if dim is not None else valid.sum().to(x.dtype)
+    s = xz.sum(dim=dim, keepdim=keepdim) if dim is not None else xz.sum()
+    mean = s / n.clamp(min=1)
+    dev = torch.where(valid, x - mean, torch.zeros_like(x))
+    ss = (dev * dev).sum(dim=dim, keepdim=keepdim) if dim is not None else (dev * dev).sum()
+    std = torch.where(n > 1, (ss / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(ss))
+    return mean, std, n
+
+
+@torch.no_grad()
+def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Group-relative advantages.
+
+    Args:
+        rewards: ``(B, G)`` float, B prompts x G completions each; NaN = abstained.
+        scale: name in ``ADVANTAGE_SCALES``: "group" (paper GRPO), "batch" (TRL
+            scale_rewards="batch"), "none" (Dr. GRPO).
+        eps: added to the std before dividing.
+
+    Returns:
+        adv: ``(B, G)``, same dtype as ``rewards``. 0 for NaN rewards; exactly 0 for every
+            member of a group whose valid rewards are all equal (incl. 0 or 1 valid entries).
+        metrics: ``frac_zero_std_groups`` (fraction of groups with no reward spread, i.e.
+            no learning signal), ``reward_mean`` / ``reward_std`` (over all valid rewards,
+            unbiased std), ``abstain_frac`` (fraction of NaN rewards).
+    """
+    fn = lookup(ADVANTAGE_SCALES, scale)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, G), got shape {tuple(rewards.shape)}")
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    valid = ~torch.isnan(r)                                     # (B, G)
+    mean_g, std_g, n_g = _nan_std(r, valid, dim=1, keepdim=True)  # (B, 1) each
+    mean_b, std_b, _ = _nan_std(r, valid)                       # () each
+    centred = torch.where(valid, r - mean_g, torch.zeros_like(r))  # (B, G)
+    adv = fn(centred, std_g, std_b, eps)                         # (B, G)
+    # A group without spread must give exactly 0: (r - mean) can be ~1e-9 instead of 0 in floating point.
+    big = torch.finfo(r.dtype).max
+    hi = torch.where(valid, r, torch.full_like(r, -big)).amax(dim=1, keepdim=True)  # (B, 1)
+    lo = torch.where(valid, r, torch.full_like(r, big)).amin(dim=1, keepdim=True)   # (B, 1)
+    flat = (hi <= lo) | (n_g < 2)                                # (B, 1)
+    adv = torch.where(valid & ~flat, adv, torch.zeros_like(adv))
+    metrics = {
+        "frac_zero_std_groups": flat.float().mean(),
+        "reward_mean": mean_b.float(),
+        "reward_std": std_b.float(),
+        "abstain_frac": (~valid).float().mean(),
+    }
+    return adv, metrics
+
+
+# =========================================================================== 3. token log-probs
+# A forward pass gives hidden states; only the T positions that predict completion tokens matter.
+# Their logits (N, T, V) would be 2.4 GB in fp32 for N = 16, T = 192 at Qwen's V = 151,936, and a
+# log-softmax over them another 2.4 GB. Here the output projection runs over chunks of rows; each
+# chunk keeps only the chosen token's log-prob and the row's entropy, and under autograd each chunk
+# is checkpointed, so the backward pass recomputes one chunk's logits at a time. Peak memory for
+# the head is then O(chunk_size x V) instead of O(N x T x V).
+
+MAX_CHUNK_LOGITS = 2 ** 26  # logits per chunk (256 MiB in fp32)
+
+
+def _out_features(head: nn.Module) -> int:
+    size = getattr(head, "out_features", None)
+    return int(size) if size else 1
+
+
+def _head_chunk(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float):
+    """hidden (R, H), ids (R,) -> (log-prob of ids (R,), entropy (R,)), logits scaled by 1/temperature.
+
+    At most two (R, V) buffers live at once (the logits and one work buffer: logsumexp's, then the
+    entropy's, filled in place), so the head's peak stays about 2 x R x V x 4 bytes."""
+    logits = head(hidden).float()                                        # (R, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)                                # (R,)
+    logp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse        # (R,)
+    with torch.no_grad():  # entropy is a metric; no gradient through it
+        plogp = (logits - lse.unsqueeze(-1)).exp_().mul_(logits)         # p * logit, in place
+        entropy = lse - plogp.sum(-1)
+    return logp, entropy
+
+
+def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor,
+                               temperature: float = 1.0, chunk_size: int = 1024) -> Tuple[Tensor, Tensor]:
+    """Selective log-softmax through the output head, chunked: log-probs of the chosen tokens.
+
+    Args:
+        head: the output projection ``(..., H) -> (..., V)`` (e.g. ``nn.Linear(H, V)``).
+        hidden: ``(N, T, H)``; position t predicts ``ids[:, t]``.
+        ids: ``(N, T)`` token ids.
+        temperature: logits are divided by it first (use the sampling temperature, so the log-probs
+            are those of the distribution the completions were sampled from).
+        chunk_size: rows (token positions) projected at once; never more than ``MAX_CHUNK_LOGITS``
+            logits at a time. With grad enabled each chunk is checkpointed.
+
+    Returns:
+        logp: ``(N, T)`` fp32, ``log_softmax(head(hidden) / temperature)[..., ids]``; differentiable
+            w.r.t. ``hidden`` and the head's parameters.
+        entropy: ``(N, T)`` fp32, entropy of ``softmax(head(hidden) / temperature)`` (no gradient).
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if logits.shape[:-1] != index.shape:
-        raise ValueError(f"index shape {tuple(index.shape)} != logits.shape[:-1] {tuple(logits.shape[:-1])}")
-    return _SelectiveLogSoftmax.apply(logits, index, int(max(1, chunk_size)), float(temperature))
+        raise ValueError(f"temperature={temperature}: must be > 0")
+    n, t, h = hidden.shape
+    flat_h, flat_ids = hidden.reshape(n * t, h), ids.reshape(n * t)
+    # Bound the logits of one chunk, whatever the vocabulary: at Qwen's 151,936 rows a 1,024-row
+    # chunk alone is 622 MB of fp32 logits, and its backward holds several such buffers.
+    chunk_size = max(1, min(chunk_size, MAX_CHUNK_LOGITS // _out_features(head)))
+    logps, ents = [], []
+    for start in range(0, n * t, chunk_size):
+        hs, ix = flat_h[start:start + chunk_size], flat_ids[start:start + chunk_size]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            lp, ent = checkpoint(_head_chunk, head, hs, ix, temperature, use_reentrant=False)
+        else:
+            lp, ent = _head_chunk(head, hs, ix, temperature)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:
+        empty = hidden.new_zeros(n, t, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(logps).view(n, t), torch.cat(ents).view(n, t)
 
 
-def entropy_from_logits(
-    logits: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS, temperature: float = 1.0
-) -> Tensor:
-    """Entropy of softmax(logits / temperature) per position, ``(N, T, V) -> (N, T)``.
+# =========================================================================== 4. masked reductions
 
-    ``H = -sum_v p_v log p_v`` with ``log p = log_softmax`` (stable: no exp of raw logits),
-    computed ``chunk_size`` rows at a time; ``-inf`` logits (masked vocab) contribute 0.
-    fp32 result for fp16/bf16 input. Differentiable, but meant for metrics (wrap in no_grad).
+def masked_sum(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Sum of ``x`` where ``mask`` (broadcastable) is nonzero; masked entries may be NaN/inf."""
+    xz = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return xz.sum() if dim is None else xz.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    """Mean of ``x`` over entries where ``mask`` is nonzero; 0 (not NaN) where nothing is valid.
+
+    ``x`` and ``mask`` have the same shape, e.g. ``(N, T)``; ``dim=None`` -> scalar,
+    ``dim=-1`` -> ``(N,)``.
     """
-    V = logits.shape[-1]
-    flat = logits.reshape(-1, V)                                 # (R, V)
-    cdt = _compute_dtype(logits.dtype)
-    parts = []
-    for s in range(0, flat.shape[0], max(1, chunk_size)):
-        z = flat[s:s + chunk_size].to(cdt) / temperature         # (C, V)
-        logp = torch.log_softmax(z, dim=-1)
-        # p * log p with p = 0 and log p = -inf would be NaN: clamp log p to the finite range.
-        parts.append(-(logp.exp() * logp.clamp(min=torch.finfo(cdt).min)).sum(-1))
-    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=cdt)
-    return out.view(logits.shape[:-1])
+    m = mask.bool()
+    cnt = m.sum() if dim is None else m.sum(dim)
+    return masked_sum(x, m, dim) / cnt.clamp(min=1).to(x.dtype)
+
+
+def _masked_min_max(x: Tensor, m: Tensor) -> Tuple[Tensor, Tensor]:
+    inf = torch.full_like(x, float("inf"))
+    lo = torch.where(m, x, inf).amin()
+    hi = torch.where(m, x, -inf).amax()
+    one = torch.ones_like(lo)
+    # no valid token: report the neutral ratio 1 instead of +-inf
+    return torch.where(torch.isfinite(lo), lo, one), torch.where(torch.isfinite(hi), hi, one)
+
+
+# =========================================================================== 5. KL estimators
+# Estimators of KL(pi_theta || pi_ref) from samples y ~ pi_theta, with log r = ref_logp - logp
+# (Schulman, "Approximating KL divergence"). All three are per token.
+
+@register_kl_estimator("k1", "kl")
+def _kl_k1(logp: Tensor, ref_logp: Tensor, clamp: Optional[float]) -> Tensor:
+    # k1 = -log r = logp - ref_logp: unbiased, high variance, can be negative.
+    return logp - ref_logp
+
+
+@register_kl_estimator("k2", "mse")
+def _kl_k2(logp: Tensor, ref_logp: Tensor, clamp: Optional[float]) -> Tensor:
+    # k2 = (log r)^2 / 2: biased, low variance, >= 0.
+    d = logp - ref_logp
+    return 0.5 * d * d
+
+
+@register_kl_estimator("k3", "low_var_kl")
+def _kl_k3(logp: Tensor, ref_logp: Tensor, clamp: Optional[float]) -> Tensor:
+    # k3 = r - 1 - log r: unbiased, low variance, >= 0; the estimator of DeepSeekMath eq. (4).
+    x = ref_logp - logp
+    if clamp is not None:
+        # exp(x) overflows fp32 for x > ~88 (and bf16/fp16 much earlier): clamp the log-ratio
+        # before exponentiating. Beyond the clamp the penalty is constant (zero gradient).
+        x = x.clamp(-clamp, clamp)
+    return torch.expm1(x) - x  # expm1 keeps precision near x = 0, where k3 ~ x^2/2
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", clamp: Optional[float] = 10.0) -> Tensor:
+    """Per-token KL estimate between the policy and the reference policy.
+
+    Args:
+        logp: ``(N, T)`` log pi_theta(y_t | ...) of the sampled tokens.
+        ref_logp: ``(N, T)`` log pi_ref of the same tokens.
+        estimator: name in ``KL_ESTIMATORS``: "k1" (alias "kl"), "k2" ("mse"),
+            "k3" ("low_var_kl").
+        clamp: k3 only: the log-ratio ``ref_logp - logp`` is clamped to ``[-clamp, clamp]``
+            before ``exp`` (overflow guard); ``None`` disables. k1 / k2 have no exp and are
+            left untouched.
+
+    Returns:
+        kl: ``(N, T)``, computed at every position (mask it yourself).
+    """
+    return lookup(KL_ESTIMATORS, estimator)(logp, ref_logp, clamp)
+
+
+# =========================================================================== 6. importance ratios
+
+@register_ratio_level("token")
+def _log_ratio_token(log_ratio: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    # GRPO / PPO: one importance ratio per token, r_t = pi(y_t) / pi_old(y_t).
+    return log_ratio
+
+
+@register_ratio_level("sequence", "sequence_token", "gspo")
+def _log_ratio_sequence(log_ratio: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    # GSPO-token (arXiv 2507.18071): value s_i = exp(mean_t log r_{i,t}) (length-normalised
+    # sequence ratio) at every token; gradient as  s_i(θ)_t = sg[s_i] * pi(y_t) / sg[pi(y_t)], i.e.
+    # d log s_{i,t} / d logp_{i,t'} = 1[t = t'].
+    n = mask.sum(-1, keepdim=True).clamp(min=1).to(log_ratio.dtype)     # (N, 1)
+    seq = (log_ratio.sum(-1, keepdim=True) / n).detach()                 # (N, 1); log_ratio is 0 off-mask
+    lp = torch.where(mask, logp, torch.zeros_like(logp))                 # (N, T)
+    return torch.where(mask, seq + (lp - lp.detach()), torch.zeros_like(lp))
+
+
+def importance_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token") -> Tensor:
+    """Importance ratio pi_theta / pi_old per token.
+
+    Args:
+        logp: ``(N, T)`` current policy (requires grad); old_logp: ``(N, T)`` sampling policy.
+        mask: ``(N, T)`` bool, valid completion tokens.
+        level: name in ``RATIO_LEVELS``: "token" (GRPO): ``exp(logp_t - old_logp_t)``;
+            "sequence" (GSPO-token; aliases "sequence_token", "gspo"): value
+            ``s_i = exp(mean_{valid t}(logp - old_logp))`` at every token of sequence i, gradient
+            that of ``sg[s_i] * exp(logp_t - sg[logp_t])``.
+
+    Returns:
+        ratio: ``(N, T)``, 1 at masked positions.
+    """
+    level_fn = lookup(RATIO_LEVELS, level)
+    log_ratio = torch.where(mask, logp - old_logp, torch.zeros_like(logp))   # (N, T)
+    return torch.exp(level_fn(log_ratio, logp, mask))                         # (N, T)
+
+
+# =========================================================================== 7. clipped surrogate
+
+def clipped_surrogate(
+    ratio: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """PPO's clipped surrogate loss per token, with DAPO's asymmetric clip and dual clip.
+
+    ``loss_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)``; with ``dual_clip = c`` and
+    ``A < 0``: ``loss_t = -max(min(r_t A, clip(r_t) A), c A)``, i.e. the loss is capped at ``c |A|``
+    (dual-clip PPO arXiv 1912.09729; verl's ``clip_ratio_c``).
+
+    Args:
+        ratio: ``(N, T)`` importance ratio (:func:`importance_ratio`).
+        adv: ``(N,)`` per-sequence advantage (``(N, T)`` per-token also accepted); its dtype is
+            that of the loss and metrics.
+        mask: ``(N, T)`` bool, valid completion tokens.
+        eps_low, eps_high: clip range; ``eps_high > eps_low`` is DAPO's clip-higher.
+        dual_clip: ``c > 1`` or ``None``.
+
+    Returns:
+        per_token_loss: ``(N, T)``, 0 at masked positions.
+        metrics (means over valid tokens): ``clipfrac_low`` (A < 0 and r < 1 - eps_low),
+        ``clipfrac_high`` (A > 0 and r > 1 + eps_high), ``clipfrac_dual`` (dual cap active;
+        only when ``dual_clip``), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (1 when no
+        token is valid).
+    """
+    m = mask
+    a = adv.unsqueeze(-1) if adv.dim() == 1 else adv                          # (N, 1) or (N, T)
+    f = a.dtype
+    surr = ratio * a                                                          # (N, T)
+    surr_clip = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a                # (N, T)
+    obj = torch.min(surr, surr_clip)                                          # pessimistic bound (PPO)
+    neg = a < 0                                                               # (N, 1) or (N, T)
+    metrics: Dict[str, Tensor] = {}
+    if dual_clip is not None:
+        floor = dual_clip * a                                                 # objective >= c*A for A < 0
+        metrics["clipfrac_dual"] = masked_mean((neg & (obj < floor)).expand_as(m).to(f), m).detach()
+        obj = torch.where(neg, torch.max(obj, floor), obj)
+    loss = torch.where(m, -obj, torch.zeros_like(obj))                        # (N, T)
+
+    with torch.no_grad():
+        r = ratio.detach()
+        metrics["clipfrac_low"] = masked_mean((neg & (r < 1.0 - eps_low)).to(f), m)
+        metrics["clipfrac_high"] = masked_mean(((a > 0) & (r > 1.0 + eps_high)).to(f), m)
+        metrics["ratio_mean"] = masked_mean(r, m)
+        metrics["ratio_min"], metrics["ratio_max"] = _masked_min_max(r, m)
+    return loss, metrics
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Optional[Tensor],
+    adv: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    ratio_level: str = "token",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped surrogate loss per token (PPO / GRPO / DAPO / GSPO): :func:`importance_ratio`
+    then :func:`clipped_surrogate`.
+
+    Args:
+        logp: ``(N, T)`` log-probs under the current policy (requires grad).
+        old_logp: ``(N, T)`` log-probs under the sampling policy; ``None`` = on-policy
+            (``logp.detach()``, ratio 1).
+        adv: ``(N,)`` per-sequence advantage (``(N, T)`` per-token also accepted).
+        mask: ``(N, T)`` valid completion tokens.
+        eps_low, eps_high, dual_clip: as in :func:`clipped_surrogate`.
+        ratio_level: name in ``RATIO_LEVELS`` (:func:`importance_ratio`); at sequence level the
+            ratio metrics are those of the sequence ratio s_i, each token counting once.
+
+    Returns:
+        per_token_loss ``(N, T)`` (0 at masked positions) and the metrics of
+        :func:`clipped_surrogate`.
+    """
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    m = mask.bool()                                                           # (N, T)
+    if old_logp is None:
+        old_logp = logp.detach()
+    ratio = importance_ratio(logp, old_logp, m, ratio_level)                  # (N, T)
+    return clipped_surrogate(ratio, adv.to(logp.dtype), m, eps_low, eps_high, dual_clip)
+
+
+def grpo_token_loss(
+    logp: Tensor,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    adv: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+    ratio_level: str = "token",
+    kl_estimator: str = "k3",
+    kl_clamp: Optional[float] = 10.0,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """GRPO per-token loss: :func:`policy_loss` + ``beta * KL`` (DeepSeekMath eq. 3).
+
+    Shapes as in :func:`policy_loss`; ``ref_logp`` ``(N, T)`` or ``None``. The KL term is
+    added when ``beta > 0`` and ``ref_logp`` is given. ``kl_mean`` (mean over valid tokens,
+    detached) is reported whenever ``ref_logp`` is given, even with ``beta == 0``; it is 0
+    when ``ref_logp`` is ``None``.
+
+    Returns ``(per_token_loss (N, T), metrics)`` with the metrics of :func:`policy_loss`
+    plus ``kl_mean``.
+    """
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, ratio_level)
+    m = mask.bool()
+    if ref_logp is None:
+        metrics["kl_mean"] = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        return loss, metrics
+    zero = torch.zeros_like(logp)
+    lp = torch.where(m, logp, zero)                                           # sanitise before exp
+    rp = torch.where(m, ref_logp.to(logp.dtype), zero)
+    if beta > 0:
+        kl = torch.where(m, kl_penalty(lp, rp, kl_estimator, kl_clamp), zero)  # (N, T)
+        loss = loss + beta * kl
+    else:
+        with torch.no_grad():
+            kl = torch.where(m, kl_penalty(lp, rp, kl_estimator, kl_clamp), zero)
+    metrics["kl_mean"] = masked_mean(kl.detach(), m)
+    return loss, metrics
+
+
+# =========================================================================== 8. loss aggregation
+
+def _count(x: Optional[Number], default: Tensor, like: Tensor) -> Tensor:
+    """Denominator as a tensor, clamped to >= 1 (an empty batch gives loss 0, not NaN)."""
+    v = default if x is None else torch.as_tensor(x, device=like.device)
+    return v.to(like.dtype).clamp(min=1)
+
+
+@register_loss_aggregation("seq_mean_token_mean", "grpo")
+def _agg_seq_mean_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None):
+    # Paper GRPO (DeepSeekMath eq. 3): 1/G sum_i 1/|o_i| sum_t. Empty sequences are skipped.
+    tok = m.sum(-1)                                                           # (N,)
+    per_seq = masked_sum(loss, m, -1) / tok.clamp(min=1).to(loss.dtype)       # (N,)
+    return per_seq.sum() / _count(num_sequences, (tok > 0).sum(), loss)
+
+
+@register_loss_aggregation("token_mean", "bnpo", "dapo")
+def _agg_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None):
+    # DAPO token-level loss (arXiv 2503.14476): sum over all tokens / number of tokens.
+    return masked_sum(loss, m) / _count(num_tokens, m.sum(), loss)
+
+
+@register_loss_aggregation("seq_mean_token_sum_norm", "dr_grpo")
+def _agg_dr_grpo(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None):
+    # Dr. GRPO (arXiv 2503.20783): constant normaliser G * L_max, no length bias.
+    if max_completion_length is None:
+        raise ValueError("seq_mean_token_sum_norm / dr_grpo needs max_completion_length")
+    n = _count(num_sequences, torch.tensor(loss.shape[0], device=loss.device), loss)
+    return masked_sum(loss, m) / (n * float(max_completion_length))
+
+
+def aggregate_loss(
+    per_token_loss: Tensor,
+    mask: Tensor,
+    mode: str = "seq_mean_token_mean",
+    *,
+    num_tokens: Optional[Number] = None,
+    num_sequences: Optional[Number] = None,
+    max_completion_length: Optional[int] = None,
+) -> Tensor:
+    """Reduce a ``(N, T)`` per-token loss to a scalar.
+
+    Modes (``LOSS_AGGREGATIONS``):
+
+    * "seq_mean_token_mean" (alias "grpo"): ``1/N' sum_i (1/|o_i| sum_t l_it)``, N' = number
+      of sequences with at least one valid token (or ``num_sequences``). Empty sequences add 0.
+    * "token_mean" ("bnpo", "dapo"): ``sum_it l_it / num_tokens``. ``num_tokens`` should be the
+      GLOBAL number of valid tokens of the whole optimizer step (all gradient-accumulation
+      micro-batches and all data-parallel ranks); ``None`` -> ``mask.sum()`` of this call.
+      Why: the full-batch loss is ``sum_{all tokens} l / N_tok``. If every micro-batch divided
+      by its own token count, summing (or averaging) the micro-batch losses would weight
+      tokens of short micro-batches more and the gradient would depend on how the batch was
+      split. With a global denominator the micro-batch losses sum exactly to the full-batch
+      loss, so accumulated gradients equal the full-batch gradient.
+    * "seq_mean_token_sum_norm" ("dr_grpo"): ``sum_it l_it / (num_sequences * max_completion_length)``;
+      ``max_completion_length`` is required; ``num_sequences`` defaults to N (this call's rows).
+      Same convention: pass the GLOBAL number of sequences of the optimizer step so
+      micro-batch losses sum to the full-batch loss.
+
+    For "seq_mean_token_mean" too, passing the global number of non-empty sequences as
+    ``num_sequences`` makes micro-batch losses sum to the full-batch loss.
+
+    Data parallel: DDP / FSDP / DeepSpeed *average* gradients over ranks, so with global
+    counts multiply the loss by ``world_size`` (sum over ranks = full-batch loss); with
+    gradient accumulation, do not divide by the number of accumulation steps again.
+    Counts (given or computed) below 1 are treated as 1, so an empty batch gives 0, not NaN.
+
+    Returns a 0-dim tensor.
+    """
+    fn = lookup(LOSS_AGGREGATIONS, mode)
+    return fn(per_token_loss, mask.bool(), num_tokens=num_tokens, num_sequences=num_sequences,
+              max_completion_length=max_completion_length)
+
+
+# =========================================================================== 9. LR schedules
+# After ``warmup_steps`` of linear warm-up (grpo.engine.lr_lambda), the multiplier on the base
+# learning rate as a function of progress = (step - warmup) / (max_steps - warmup).
+
+@LR_SCHEDULES.register("constant")
+def _lr_constant(progress: float) -> float:
+    return 1.0
+
+
+@LR_SCHEDULES.register("linear")
+def _lr_linear(progress: float) -> float:
+    return max(0.0, 1.0 - progress)
+
+
+@LR_SCHEDULES.register("cosine")
+def _lr_cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -19,19 +19,17 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainingConfig
+from .core import LR_SCHEDULES, lookup
 
 
 def lr_lambda(cfg: TrainingConfig):
     """Multiplier on the base LR at a given optimizer step: warm-up, then constant/linear/cosine."""
+    schedule = lookup(LR_SCHEDULES, cfg.lr_scheduler)   # "constant", "linear", "cosine"
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
+        return schedule((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return f
 
 

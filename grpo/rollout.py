@@ -1,25 +1,21 @@
 """Group sampling: each prompt repeated G times, sampled, cut at the first EOS.
 
 The sampling distribution is the model's softmax(logits / temperature) with optional top-p /
-top-k, and with the vision placeholder tokens suppressed. The checkpoint's own generation config
-(Qwen2.5-VL-Instruct ships top_k=1, temperature=0.1, repetition_penalty=1.05) is ignored, so a
-rollout samples exactly what GRPOConfig says.
+top-k, and with the vision placeholder tokens suppressed (``next_tokens``). The checkpoint's own
+generation config (Qwen2.5-VL-Instruct ships top_k=1, temperature=0.1, repetition_penalty=1.05) is
+ignored, so a rollout samples exactly what GRPOConfig says.
 
-The G samples of a prompt share everything up to their first new token, so ``decode_shared``
-encodes each prompt's image and prefills the prompt once, then copies the KV cache to the G rows
-(the prefix sharing of vLLM's automatic prefix caching and SGLang's RadixAttention, done here for
-the one prefix a GRPO group is known to share). Decoding is a plain loop over new tokens, each
-step one batched forward; ``sample_hf`` is the same distribution through ``generate``.
+The decode loop itself (prefill, the KV cache shared by the G samples of a prompt, M-RoPE
+positions of the new tokens) is the adapter's ``sample_continuations``; this module hands it the
+token choice as a function of the logits.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
-from models import reuse
-from models.adapter import PromptBatch, backbone_and_head
+from models.adapter import PromptBatch
 
 
 @dataclass
@@ -46,17 +42,6 @@ def mask_after_eos(ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor,
     return mask, ~has_eos
 
 
-def generation_config(cfg, adapter, greedy: bool = False) -> GenerationConfig:
-    """The Hugging Face ``generate`` equivalent of ``sample``'s distribution (used by ``sample_hf``)."""
-    common = dict(max_new_tokens=cfg.max_completion_length, eos_token_id=adapter.eos_token_ids,
-                  pad_token_id=adapter.pad_token_id, suppress_tokens=adapter.never_sample_ids,
-                  repetition_penalty=1.0, use_cache=True)
-    if greedy:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k if cfg.top_k > 0 else None, **common)
-
-
 def next_tokens(logits: torch.Tensor, cfg, suppress: torch.Tensor, greedy: bool = False) -> torch.Tensor:
     """logits (n, V) fp32 -> sampled ids (n,). The order of transformers' processors and warpers:
     suppress, temperature, top-k, top-p (smallest set with mass >= top_p, at least one token)."""
@@ -75,49 +60,38 @@ def next_tokens(logits: torch.Tensor, cfg, suppress: torch.Tensor, greedy: bool 
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
+def token_chooser(cfg, never_sample_ids: list[int], greedy: bool = False, logprobs: list | None = None):
+    """``choose(logits (n, V) fp32) -> ids (n,)`` for the adapter's decode loop: ``next_tokens`` with
+    ``never_sample_ids`` suppressed. With a list ``logprobs``, each step appends the log-probs (n,)
+    of the chosen tokens under softmax(logits / temperature)."""
+    suppress = None
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal suppress
+        if suppress is None:
+            suppress = torch.tensor(never_sample_ids, device=logits.device, dtype=torch.long)
+        tok = next_tokens(logits, cfg, suppress, greedy)
+        if logprobs is not None:
+            logprobs.append((logits / cfg.temperature).log_softmax(-1).gather(-1, tok[:, None]).squeeze(1))
+        return tok
+    return choose
+
+
 @torch.no_grad()
 def decode_shared(model, adapter, prompts: PromptBatch, cfg, greedy: bool = False,
                   return_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample one completion per row of ``prompts`` (``prompts.unique`` set), prefilling each
-    distinct prompt once and sharing its KV cache among the rows that copy it.
+    """Sample one completion per row of ``prompts`` (``prompts.unique`` set), each distinct prompt
+    prefilled once and its KV cache shared among the rows that copy it (the adapter's
+    ``sample_continuations``).
 
     Returns ids (n, T') with T' <= max_completion_length (stops when every row has emitted EOS;
     pad after EOS) and, if asked, the log-prob (n, T') of each sampled token under
-    softmax(logits / temperature), the quantity ``grpo.logprobs`` recomputes.
-    One forward per new token over all n rows; no Python loop over rows or vocabulary.
+    softmax(logits / temperature), the quantity ``CompletionLogProbs`` recomputes.
     """
-    backbone, head = backbone_and_head(model)
-    distinct, row_of = torch.unique(prompts.prompt_index, sorted=True, return_inverse=True)
-    inputs = reuse.prompt_inputs(model, prompts.unique, distinct, reuse_features=True)  # no grad here
-    device = inputs["input_ids"].device
-    row_of = row_of.to(device)
-    out = backbone(**inputs, use_cache=True, return_dict=True)                   # prefill (b, P)
-    n, t_max, p = len(row_of), cfg.max_completion_length, inputs["input_ids"].shape[1]
-    cache = out.cache
-    cache.batch_select_indices(row_of)                                           # (b, ...) -> (n, ...)
-    reuse.reserve(cache, t_max)                                                  # decode writes in place
-    hidden = out.last_hidden_state[row_of, -1]                                   # (n, H)
-    mask = torch.ones((n, p + t_max), dtype=inputs["attention_mask"].dtype, device=device)
-    mask[:, :p] = inputs["attention_mask"][row_of]
-    start = reuse.continuation_positions(inputs["position_ids"][:, row_of], 1)  # (3, n, 1)
-    suppress = torch.tensor(adapter.never_sample_ids, device=device, dtype=torch.long)
-    eos = torch.tensor(adapter.eos_token_ids, device=device)
-    ids = torch.full((n, t_max), adapter.pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros((n, t_max), device=device) if return_logprobs else None
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    for t in range(t_max):
-        logits = head(hidden).float()                                            # (n, V)
-        tok = next_tokens(logits, cfg, suppress, greedy)
-        if return_logprobs:
-            logps[:, t] = (logits / cfg.temperature).log_softmax(-1).gather(-1, tok[:, None]).squeeze(1)
-        ids[:, t] = torch.where(done, adapter.pad_token_id, tok)
-        done |= torch.isin(tok, eos)
-        if t == t_max - 1 or bool(done.all()):  # one host sync per token, as in transformers
-            break
-        hidden = backbone(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :p + t + 1], position_ids=start + t,
-                          cache=cache, use_cache=True, return_dict=True).last_hidden_state[:, -1]
-    width = t + 1
-    return ids[:, :width], (logps[:, :width] if return_logprobs else None)
+    logps: list | None = [] if return_logprobs else None
+    choose = token_chooser(cfg, adapter.never_sample_ids, greedy, logps)
+    ids = adapter.sample_continuations(model, prompts, choose, cfg.max_completion_length)
+    return ids, (torch.stack(logps, 1) if return_logprobs else None)
 
 
 @torch.no_grad()
@@ -131,28 +105,12 @@ def sample(model, adapter, prompts: PromptBatch, cfg, chunk: int | None = None,
     prefilled once for its G samples (``decode_shared``). Otherwise each row is its own prompt.
     """
     if prompts.unique is None or not getattr(cfg, "reuse_prompts", True):  # every row on its own
-        pixel_values, grid = prompts.images()
-        own = replace(prompts, pixel_values=pixel_values, image_grid_thw=grid, prompt_index=None, unique=None, cache={})
-        prompts = replace(own, pixel_values=None, image_grid_thw=None, prompt_index=torch.arange(len(prompts)),
-                          unique=own)
-    return _in_chunks(model, prompts, chunk, adapter, lambda part: decode_shared(model, adapter, part, cfg, greedy)[0])
+        prompts = prompts.rows_as_prompts()
+    return in_chunks(model, prompts, chunk, adapter, lambda part: decode_shared(model, adapter, part, cfg, greedy)[0])
 
 
-@torch.no_grad()
-def sample_hf(model, adapter, prompts: PromptBatch, cfg, chunk: int | None = None,
-              greedy: bool = False) -> Completions:
-    """``sample`` through Hugging Face ``generate`` on every row (no sharing): the reference that
-    ``decode_shared`` is tested against, and the "before" of ``bench/``."""
-    gen_cfg = generation_config(cfg, adapter, greedy)
-
-    def run(part):
-        out = model.generate(**adapter.generate_inputs(part), generation_config=gen_cfg)
-        return out[:, part.input_ids.shape[1]:]
-    return _in_chunks(model, prompts, chunk, adapter, run)
-
-
-def _in_chunks(model, prompts: PromptBatch, chunk: int | None, adapter, run) -> Completions:
-    """``run`` on consecutive row chunks of ``prompts`` in eval mode; pad, mask after EOS."""
+def in_chunks(model, prompts: PromptBatch, chunk: int | None, adapter, run) -> Completions:
+    """``run(part) -> ids`` on consecutive row chunks of ``prompts`` in eval mode; pad, mask after EOS."""
     chunk = chunk or len(prompts)
     was_training = model.training
     model.eval()

@@ -1,8 +1,9 @@
 """Supervised fine-tuning (PathVLM-R1 stage 1): cross-entropy on the assistant's tokens only.
 
 The target is treated exactly like a GRPO completion: the prompt (system + image + question) is
-encoded by the adapter and the target tokens (ending with ``<|im_end|>``) are scored by the same
-chunked log-prob module, so SFT and GRPO share model loading, DeepSpeed, checkpoints and metrics.
+encoded by the adapter and the target tokens (ending with the adapter's ``end_of_turn`` token) are
+scored by the same chunked log-prob module, so SFT and GRPO share model loading, DeepSpeed,
+checkpoints and metrics.
 Loss = -(sum of target-token log-probs) / (target tokens in the whole optimizer step).
 """
 from __future__ import annotations
@@ -34,11 +35,10 @@ class SFTTrainer(BaseTrainer):
                  adapter=None, prompt_fn=None, target_fn=None):
         super().__init__(model, args, train_dataset, processor, adapter=adapter, prompt_fn=prompt_fn)
         self.target_fn = target_fn or default_target
-        tok = self.adapter.tokenizer
-        self.end_ids = tok("<|im_end|>", add_special_tokens=False)["input_ids"]
+        self.end_ids = list(self.adapter.end_of_turn_ids)  # the chat template's end of an assistant turn
 
     def encode_targets(self, items) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) (N, T): each target's tokens then <|im_end|>, right-padded."""
+        """(ids, mask) (N, T): each target's tokens then the end-of-turn tokens, right-padded."""
         tok, cap = self.adapter.tokenizer, self.args.max_target_length
         seqs = [(tok(self.target_fn(it), add_special_tokens=False)["input_ids"][:cap - 1] + self.end_ids)
                 for it in items]

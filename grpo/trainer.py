@@ -7,8 +7,9 @@
         update    micro-batches: logp --grpo_token_loss--> per-token loss --aggregate--> backward
                   then one optimizer step (mu steps per generation batch)
 
-The maths are the pure functions of ``grpo.core``; model specifics sit behind ``models.adapter``;
-the back-end (PyTorch or DeepSpeed) behind ``grpo.engine``.
+The maths are the pure functions of ``grpo.core``; model specifics (prompt encoding, KV-cache prefill
+and prefix reuse, the decode loop, hidden states of completions) sit behind ``models.adapter``; the
+back-end (PyTorch or DeepSpeed) behind ``grpo.engine``.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 A GRPO group holds G samples of one prompt. Run naively, every sample re-encodes the prompt's
 image and re-reads the whole prompt in generation and in every log-prob pass: for a prompt of
 P tokens (most of them image tokens) and T completion tokens, the decoder reads G·(P + T) tokens
-where P + G·T would do. This module holds the Qwen2.5-VL specific pieces that let the rollout
-(``grpo.rollout``) and the log-prob wrapper (``grpo.logprobs``) work once per distinct prompt:
+where P + G·T would do. This module holds the Qwen2.5-VL specific pieces that let the decode loop
+and the log-prob pass (``models.forward``) work once per distinct prompt:
 
 * M-RoPE positions of each distinct prompt, from the model's own ``get_rope_index`` (a Python loop
   over rows and token runs in transformers), computed once per generation round;
@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .adapter import PromptBatch
+from .batch import PromptBatch
 
 
 def vision_frozen(model) -> bool:

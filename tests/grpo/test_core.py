@@ -1,28 +1,29 @@
 """Hand-computed checks of grpo.core. Every expected number is worked out in a comment.
 
 The independent re-implementation comparisons on random tensors live in
-test_core_reference.py.
+test_core_reference.py; the chunked token log-probs in test_logprobs.py.
 """
 import math
 
 import pytest
 import torch
 
+from grpo.config import GRPOConfig, SFTConfig
 from grpo.core import (
     ADVANTAGE_SCALES,
     KL_ESTIMATORS,
     LOSS_AGGREGATIONS,
+    LR_SCHEDULES,
     RATIO_LEVELS,
     aggregate_loss,
     combine_rewards,
-    entropy_from_logits,
     grpo_token_loss,
     group_advantages,
     kl_penalty,
     masked_mean,
     policy_loss,
-    selective_log_softmax,
 )
+from grpo.engine import lr_lambda
 
 torch.set_num_threads(1)
 NAN = float("nan")
@@ -391,65 +392,36 @@ def test_masked_mean_hand():
     close(masked_mean(x, mask, dim=-1), [1.0, 3.0, 0.0])   # empty row -> 0, NaN padding ignored
 
 
-# --------------------------------------------------------------------------- logits helpers
+# --------------------------------------------------------------------------- registries and the config
 
-def test_selective_log_softmax_hand():
-    logits = T([[[0.0, 0.0, LN2], [0.0, 0.0, LN2]]], requires_grad=True)   # (1, 2, 3)
-    idx = torch.tensor([[2, 0]])
-    out = selective_log_softmax(logits, idx)
-    # softmax([0, 0, ln2]) = [1, 1, 2] / 4 -> log p[2] = ln 0.5 = -0.693147 ; log p[0] = ln 0.25 = -1.386294
-    close(out, [[math.log(0.5), math.log(0.25)]])
-    out.sum().backward()
-    # d log p_k / dz = onehot(k) - p
-    close(logits.grad, [[[-0.25, -0.25, 0.5], [0.75, -0.25, -0.5]]])
-    # temperature 2: z/2 = [0, 0, ln2/2] -> exp = [1, 1, sqrt2] -> p[2] = 1.414214/3.414214 = 0.414214
-    close(selective_log_softmax(logits.detach(), idx, temperature=2.0)[0, 0], -0.8813735870195429)
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_selective_log_softmax_matches_full(chunk, temperature):
-    g = torch.Generator().manual_seed(chunk)
-    logits = (3 * torch.randn(3, 5, 50, generator=g)).requires_grad_(True)
-    idx = torch.randint(0, 50, (3, 5), generator=g)
-    w = torch.randn(3, 5, generator=g)
-    out = selective_log_softmax(logits, idx, chunk_size=chunk, temperature=temperature)
-    (out * w).sum().backward()
-    g1 = logits.grad.clone()
-    logits.grad = None
-    ref = torch.log_softmax(logits / temperature, -1).gather(-1, idx[..., None]).squeeze(-1)
-    (ref * w).sum().backward()
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(g1, logits.grad, atol=1e-6, rtol=1e-6)
+@pytest.mark.parametrize("field, registry", [
+    ("advantage_scale", ADVANTAGE_SCALES), ("kl_estimator", KL_ESTIMATORS), ("ratio_level", RATIO_LEVELS),
+    ("loss_aggregation", LOSS_AGGREGATIONS), ("lr_scheduler", LR_SCHEDULES)])
+def test_config_accepts_exactly_the_registered_names(field, registry, monkeypatch):
+    for name in registry:
+        assert getattr(GRPOConfig(**{field: name}), field) == name
+    with pytest.raises(ValueError, match=f"{field}='bogus': choose one of {', '.join(registry.canonical)}"):
+        GRPOConfig(**{field: "bogus"})
+    # a newly registered variant is configurable at once, without touching grpo/config.py
+    monkeypatch.setitem(registry, "bogus", registry[registry.canonical[0]])
+    assert getattr(GRPOConfig(**{field: "bogus"}), field) == "bogus"
 
 
-def test_selective_log_softmax_bf16_and_errors():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 4, 30, generator=g).bfloat16()
-    idx = torch.randint(0, 30, (2, 4), generator=g)
-    out = selective_log_softmax(logits, idx, chunk_size=3)
-    assert out.dtype == torch.float32   # fp32 accumulation for low-precision logits
-    ref = torch.log_softmax(logits.float(), -1).gather(-1, idx[..., None]).squeeze(-1)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError):
-        selective_log_softmax(logits, idx[:, :2])
-    with pytest.raises(ValueError):
-        selective_log_softmax(logits, idx, temperature=0.0)
+def test_registry_canonical_names_and_aliases():
+    assert KL_ESTIMATORS.canonical == ["k1", "k2", "k3"]
+    assert KL_ESTIMATORS.aliases == ["kl", "mse", "low_var_kl"]
+    assert RATIO_LEVELS.canonical == ["token", "sequence"]
+    assert LOSS_AGGREGATIONS.canonical == ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+    assert ADVANTAGE_SCALES.canonical == ["group", "batch", "none"]
+    with pytest.raises(ValueError, match="kl_estimator='k4': choose one of k1, k2, k3 .aliases: kl, mse, low_var_kl"):
+        GRPOConfig(kl_estimator="k4")
 
 
-def test_selective_log_softmax_gradcheck():
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    idx = torch.randint(0, 6, (2, 3))
-    assert torch.autograd.gradcheck(lambda z: selective_log_softmax(z, idx, chunk_size=4, temperature=0.6), (x,))
-
-
-def test_entropy_hand_and_reference():
-    logits = T([[[0.0, 0.0, LN2, float("-inf")], [0.0, 0.0, 0.0, 0.0]]])
-    # p = [1/4, 1/4, 1/2, 0]: H = 2 * (1/4) ln 4 + (1/2) ln 2 = 0.5*1.386294 + 0.5*0.693147 = 1.039721
-    # uniform over 4: ln 4 = 1.386294
-    close(entropy_from_logits(logits, chunk_size=1), [[1.0397207708399179, math.log(4)]])
-    g = torch.Generator().manual_seed(3)
-    z = 4 * torch.randn(3, 5, 40, generator=g)
-    ref = torch.distributions.Categorical(logits=z / 0.8).entropy()
-    torch.testing.assert_close(entropy_from_logits(z, chunk_size=4, temperature=0.8), ref, atol=1e-5, rtol=1e-5)
+def test_lr_schedules_hand():
+    # warm-up 2 of 10 steps: (step + 1) / 3 for steps 0, 1; then progress = (step - 2) / 8
+    def at(kind):
+        f = lr_lambda(SFTConfig(lr_scheduler=kind, warmup_steps=2, max_steps=10))
+        return [f(s) for s in (0, 1, 2, 6, 10, 12)]
+    close(at("constant"), [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0])
+    close(at("linear"), [1 / 3, 2 / 3, 1.0, 0.5, 0.0, 0.0])          # 1 - progress, floored at 0
+    close(at("cosine"), [1 / 3, 2 / 3, 1.0, 0.5, 0.0, 0.0])          # (1 + cos(pi * min(1, p))) / 2

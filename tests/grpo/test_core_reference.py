@@ -256,3 +256,34 @@ def test_microbatch_gradient_accumulation_equals_full_batch(mode, level):
         total += part.item()
     np.testing.assert_allclose(total, full.item(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(lp.grad.numpy(), g_full.numpy(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_gspo_token_equals_trl_sequence_level_under_token_weighted_aggregations(mode, dual):
+    # TRL GRPOTrainer, importance_sampling_level="sequence": one ratio per sequence,
+    # s_i = exp(sum_t m_it log r_it / |o_i|) with the gradient through the mean, a per-sequence loss
+    # (N, 1) broadcast over the mask, then bnpo (token_mean) / dr_grpo. Each sequence's loss then
+    # counts |o_i| times, and d(|o_i| l_i)/d logp_it = |o_i| * (-A s_i / |o_i|) = -A s_i: the loss
+    # and gradient of GSPO-token (ours) under the same aggregation.
+    logp, old, adv, mask = _random_batch(seed=5)
+    m_t, L = torch.from_numpy(mask), 12
+    lp = torch.from_numpy(logp).requires_grad_(True)
+    loss, _ = policy_loss(lp, torch.from_numpy(old), torch.from_numpy(adv), m_t, 0.2, 0.28, dual, "sequence")
+    ours = aggregate_loss(loss, m_t, mode, max_completion_length=L)
+    ours.backward()
+
+    lp2 = torch.from_numpy(np.nan_to_num(logp)).requires_grad_(True)
+    m = m_t.to(lp2.dtype)
+    log_ratio = (lp2 - torch.from_numpy(old)) * m
+    coef = torch.exp((log_ratio.sum(-1) / m.sum(-1).clamp(min=1)).unsqueeze(-1))         # (N, 1)
+    a = torch.from_numpy(adv).unsqueeze(1)
+    per_seq = -torch.min(coef * a, coef.clamp(0.8, 1.28) * a)                            # (N, 1)
+    if dual is not None:
+        per_seq = torch.where(a < 0, torch.min(per_seq, -dual * a), per_seq)
+    total = (per_seq * m).sum()                                                          # broadcast over tokens
+    trl = total / m.sum() if mode == "token_mean" else total / (m.shape[0] * L)
+    trl.backward()
+    np.testing.assert_allclose(ours.item(), trl.item(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(lp.grad.numpy(), lp2.grad.numpy() * mask, rtol=1e-9, atol=1e-14)
+    assert lp.grad.abs().sum() > 0

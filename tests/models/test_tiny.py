@@ -1,5 +1,6 @@
-"""The tiny offline Qwen2.5-VL: it round-trips, its processor agrees with the model, sampling
-works for a batch, and recomputed log-probs equal the ones generate() sampled with."""
+"""The tiny offline Qwen2.5-VL: it round-trips, its processor agrees with the model, its chat template
+is Qwen's and the adapter's end-of-turn tokens are the template's. (Log-probs of its completions:
+tests/grpo/test_logprobs.py.)"""
 import json
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from helpers import noise_image
-from grpo.logprobs import CompletionLogProbs
 from models import QwenVLAdapter, load_processor
 from models.tiny import TinySpec, build_tiny_checkpoint, ensure_tiny_checkpoint
 from models.tokenization import QWEN25_VL_SPECIAL_TOKENS, load_qwen_vocab_tokenizer
@@ -89,42 +89,10 @@ def test_tiny_checkpoint_with_real_vocabulary_generates(tmp_path):
     assert out.shape == (1, batch.input_ids.shape[1] + 3)
 
 
-def test_batched_sampling_and_logprobs_match_generate(tiny_ckpt, tiny_processor):
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt).eval()
+def test_adapter_end_of_turn_is_the_chat_templates(tiny_processor):
     adapter = QwenVLAdapter(tiny_processor)
-    images = [[noise_image(i, (84 + 28 * i, 112))] for i in range(3)]       # different grid sizes
-    batch = adapter.encode_prompts([_messages("Q" + "?" * i) for i in range(3)], images).repeat_interleave(2)
-    temperature = 1.3
-    out = model.generate(**adapter.generate_inputs(batch), do_sample=True, temperature=temperature, top_k=None,
-                         top_p=1.0, max_new_tokens=10, output_logits=True, return_dict_in_generate=True,
-                         suppress_tokens=adapter.never_sample_ids, pad_token_id=adapter.pad_token_id,
-                         eos_token_id=adapter.eos_token_ids)
-    completion = out.sequences[:, batch.input_ids.shape[1]:]
-    assert completion.shape[0] == 6
-    assert not torch.isin(completion, torch.tensor(adapter.never_sample_ids)).any()
-    sampled = torch.log_softmax(torch.stack(out.logits, 1).float() / temperature, -1)
-    sampled = sampled.gather(-1, completion.unsqueeze(-1)).squeeze(-1)      # (6, T)
-    mask = torch.ones_like(completion)
-    with torch.no_grad():
-        logp, entropy = CompletionLogProbs(model, chunk_size=7)(
-            completion, temperature=temperature, **adapter.forward_inputs(batch, completion, mask))
-    assert torch.allclose(logp, sampled, atol=1e-5, rtol=0)
-    assert (entropy > 0).all()
-
-
-def test_logprobs_chunked_gradient_matches_full_softmax(tiny_ckpt, tiny_processor):
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt)
-    adapter = QwenVLAdapter(tiny_processor)
-    batch = adapter.encode_prompts([_messages("Q")] * 2, [[noise_image(3)], [noise_image(4)]])
-    ids = torch.randint(0, 500, (2, 5))
-    inputs = adapter.forward_inputs(batch, ids, torch.ones_like(ids))
-    logp, _ = CompletionLogProbs(model, chunk_size=3)(ids, temperature=0.7, **inputs)
-    logp.sum().backward()
-    ours = model.lm_head.weight.grad.clone()
-    model.zero_grad()
-    logits = model(**inputs).logits[:, -6:-1].float() / 0.7
-    ref = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    ref.sum().backward()
-    assert torch.allclose(logp, ref, atol=1e-5)
-    assert torch.allclose(ours, model.lm_head.weight.grad, atol=1e-5)
+    text = tiny_processor.apply_chat_template(_messages("Hi?") + [{"role": "assistant", "content": "A"}],
+                                              tokenize=False)
+    assert text.endswith("<|im_start|>assistant\nA" + adapter.end_of_turn + "\n")
+    assert adapter.tokenizer.decode(adapter.end_of_turn_ids) == "<|im_end|>"
+    assert set(adapter.end_of_turn_ids) <= set(adapter.eos_token_ids)     # sampling stops there too

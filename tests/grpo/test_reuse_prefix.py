@@ -1,15 +1,17 @@
-"""Prompt reuse (models.reuse, grpo.rollout.decode_shared, CompletionLogProbs' shared path) computes
-exactly what the per-row path computes: same log-probs (1e-5, fp32), same gradients, same greedy
-tokens as Hugging Face ``generate``, with the vision tower frozen (features reused) or trainable."""
+"""Prompt reuse (models.reuse and models.forward behind the adapter, driven by grpo.rollout.decode_shared
+and CompletionLogProbs' shared path) computes exactly what the per-row path computes: same log-probs
+(1e-5, fp32), same gradients, same greedy tokens as Hugging Face ``generate``, with the vision tower
+frozen (features reused) or trainable."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import noise_image
+from hf_reference import sample_hf
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from grpo.logprobs import CompletionLogProbs
-from grpo.rollout import decode_shared, sample, sample_hf
+from grpo.rollout import decode_shared, sample
 from models import reuse
 from models.adapter import QwenVLAdapter
 from models.loading import freeze_vision
@@ -49,7 +51,7 @@ def test_shared_prefix_logprobs_and_grads_equal_the_per_row_path(tiny_ckpt, tiny
     model = _model(tiny_ckpt, frozen)
     adapter, batch = _grouped_batch(tiny_processor)
     assert reuse.vision_frozen(model) == frozen
-    wrapper = CompletionLogProbs(model, chunk_size=5)
+    wrapper = CompletionLogProbs(model, adapter, chunk_size=5)
     rows = [0, 1, 4, 5, 6, 8]          # a micro-batch that splits groups
     pb = batch.select(rows)
     ids, mask = _completions(len(rows))
@@ -79,7 +81,7 @@ def test_reused_features_are_not_recomputed(tiny_ckpt, tiny_processor):
     adapter, batch = _grouped_batch(tiny_processor)
     calls = []
     model.model.visual.register_forward_hook(lambda *a: calls.append(1))
-    wrapper = CompletionLogProbs(model)
+    wrapper = CompletionLogProbs(model, adapter)
     ids, mask = _completions(len(batch))
     with torch.no_grad():
         for rows in ([0, 1, 2, 3], [4, 5, 6, 7, 8]):   # two micro-batches, then a second pass
@@ -116,7 +118,7 @@ def test_sampled_logprobs_match_a_recomputed_forward(tiny_ckpt, tiny_processor, 
     assert len(set(map(tuple, ids[:3].tolist()))) > 1          # a group's samples differ
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        logp, _ = CompletionLogProbs(model)(ids, temperature=1.4, **adapter.forward_inputs(batch, ids, mask))
+        logp, _ = CompletionLogProbs(model, adapter)(ids, temperature=1.4, **adapter.forward_inputs(batch, ids, mask))
     assert torch.allclose(logps, logp, atol=1e-5, rtol=0)
 
 
