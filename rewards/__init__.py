@@ -3,10 +3,10 @@ cross-modal process reward scored by an LLM judge. See docs/rewards.md."""
 from rewards.accuracy import AccuracyReward
 from rewards.base import AsyncReward, Reward, RewardError, RewardSample
 from rewards.format_reward import FormatReward
-from rewards.judge_client import JudgeClient, JudgeError
-from rewards.judge_config import JudgeConfig
-from rewards.judge_parse import Verdict, VerdictError, parse_verdict
-from rewards.judge_prompt import PromptTemplate, default_template
+from rewards.judge.client import JudgeClient, JudgeError
+from rewards.judge.config import JudgeConfig
+from rewards.judge.parse import Verdict, VerdictError, parse_verdict
+from rewards.judge.prompt import PromptTemplate, default_template
 from rewards.process import ProcessReward
 from rewards.runner import score_all
 

@@ -11,13 +11,9 @@ In both modes a block nested in the other, a repeated or unclosed tag, or (with
 """
 from __future__ import annotations
 
-import re
-
 from rewards.base import Reward, RewardSample
+from rewards.text import LENIENT_FORMAT_RE, STRICT_FORMAT_RE, TAGS
 
-_STRICT_RE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_LENIENT_RE = re.compile(r".*?<think>(.*?)</think>\s*<answer>(.*?)</answer>.*", re.DOTALL)
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 MODES = ("strict", "lenient")
 
 
@@ -41,9 +37,9 @@ class FormatReward(Reward):
 
     def score(self, sample: RewardSample) -> float:
         text = sample.completion
-        if any(text.count(tag) != 1 for tag in _TAGS):
+        if any(text.count(tag) != 1 for tag in TAGS):
             return 0.0  # exactly one of each tag: rules out nesting, repeats and stray tags
-        pattern = _STRICT_RE if self.mode == "strict" else _LENIENT_RE
+        pattern = STRICT_FORMAT_RE if self.mode == "strict" else LENIENT_FORMAT_RE
         m = pattern.fullmatch(text)
         if m is None:
             return 0.0

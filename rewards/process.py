@@ -8,9 +8,9 @@ definitions, contradictions or outdated criteria), each in 0..1. The reward is t
 from __future__ import annotations
 
 from rewards.base import AsyncReward, RewardSample
-from rewards.judge_client import JudgeClient, JudgeError
-from rewards.judge_config import JudgeConfig
-from rewards.judge_prompt import PromptTemplate, default_template
+from rewards.judge.client import JudgeClient, JudgeError
+from rewards.judge.config import JudgeConfig
+from rewards.judge.prompt import PromptTemplate, default_template
 
 
 class ProcessReward(AsyncReward):
@@ -18,7 +18,7 @@ class ProcessReward(AsyncReward):
 
     Args:
         judge: a :class:`JudgeConfig` (a client is created) or a shared :class:`JudgeClient`.
-        template: the judge prompt; defaults to ``process-v1`` (rewards/prompts/process_v1.txt).
+        template: the judge prompt; defaults to ``process-v1`` (rewards/judge/prompts/process_v1.txt).
 
     A judgment that fails after retries follows ``judge.config.on_failure``: ``None`` (abstain),
     ``0.0``, or :class:`JudgeError` is raised.

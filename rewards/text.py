@@ -1,4 +1,8 @@
-"""Text helpers shared by the rewards and the rubric judge: tag blocks and normalisation.
+"""Text helpers shared by the rewards and the judge: tag blocks and normalisation.
+
+This module is the one definition of the ``<think>``/``<answer>`` block patterns in ``rewards``:
+the format reward, the accuracy reward, the verdict parser and the rubric judge all import them
+from here.
 
 Every regex here is linear-time on arbitrary input (no nested quantifiers) because rewards run
 on raw policy samples, which can be anything.
@@ -9,8 +13,15 @@ import re
 import string
 import unicodedata
 
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_THINK = r"<think>(.*?)</think>"
+_ANSWER = r"<answer>(.*?)</answer>"
+THINK_RE = re.compile(_THINK, re.DOTALL)
+ANSWER_RE = re.compile(_ANSWER, re.DOTALL)
+# The whole completion as one think block then one answer block (group 1: think, group 2: answer);
+# use with fullmatch. Strict: only whitespace around and between; lenient: any text around.
+STRICT_FORMAT_RE = re.compile(r"\s*" + _THINK + r"\s*" + _ANSWER + r"\s*", re.DOTALL)
+LENIENT_FORMAT_RE = re.compile(r".*?" + _THINK + r"\s*" + _ANSWER + r".*", re.DOTALL)
 _ANY_TAG_RE = re.compile(r"</?(?:think|answer)>")
 _ARTICLES = {"a", "an", "the"}
 _PUNCT_TABLE = str.maketrans({c: " " for c in string.punctuation})

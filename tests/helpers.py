@@ -12,17 +12,17 @@ def noise_image(seed, size=(112, 84)):
 
 
 def spawn_fault_judge():
-    """Start tests/rewards/fault_judge.py (the fault-injecting judge) as a subprocess and wait for
-    its JUDGE_URL line; returns a ``rewards.judge_server.LocalJudge`` handle (``.url``, ``.close()``)."""
+    """Start tests/rewards/judge/fault_judge.py (the fault-injecting judge) as a subprocess and wait for
+    its JUDGE_URL line; returns a ``rewards.judge.server.LocalJudge`` handle (``.url``, ``.close()``)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from rewards.judge_server import LocalJudge
+    from rewards.judge.server import LocalJudge
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    proc = subprocess.Popen([sys.executable, str(root / "tests/rewards/fault_judge.py")], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(root / "tests/rewards/judge/fault_judge.py")], stdout=subprocess.PIPE,
                             text=True, env=env)
     line = proc.stdout.readline()
     assert line.startswith("JUDGE_URL="), f"fault server did not start: {line!r}"

@@ -16,7 +16,7 @@ from rel_helpers import Run, cache_keys, successes, weights  # noqa: E402
 
 from grpo.checkpoint import MANIFEST, latest_checkpoint
 from grpo.metrics import read_metrics
-from rewards.judge_server import start_local_judge
+from rewards.judge.server import start_local_judge
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 STEPS = 5

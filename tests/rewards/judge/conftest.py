@@ -1,11 +1,11 @@
-"""Fixtures for the reward tests: real server subprocesses on 127.0.0.1 (free ports)."""
+"""Fixtures for the judge tests: real server subprocesses on 127.0.0.1 (free ports)."""
 from __future__ import annotations
 
 import httpx
 import pytest
 from helpers import spawn_fault_judge as spawn_fault_server  # shared with tests/reliability
 
-from rewards.judge_server import start_local_judge
+from rewards.judge.server import start_local_judge
 
 
 

@@ -1,7 +1,7 @@
 """JudgeClient: an async OpenAI-chat-completions client built for thousands of small judgments.
 
 Works with anything that serves ``POST {base_url}/chat/completions`` (OpenAI, vLLM, SGLang,
-llama.cpp server, the local judge in :mod:`rewards.judge_server`). Per judgment:
+llama.cpp server, the local judge in :mod:`rewards.judge.server`). Per judgment:
 
 1. look the content hash up in the cache (and join an identical judgment already in flight:
    GRPO groups often contain identical completions);
@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 import httpx
 
 from rewards.base import RewardSample
-from rewards.images import encode_image
-from rewards.judge_cache import JudgmentCache, cache_key
-from rewards.judge_config import JudgeConfig
-from rewards.judge_ledger import Ledger, RateLimiter
-from rewards.judge_parse import Verdict, VerdictError, parse_verdict
-from rewards.judge_prompt import PromptTemplate, default_template, render_user_text
+from rewards.judge.images import encode_image
+from rewards.judge.cache import JudgmentCache, cache_key
+from rewards.judge.config import JudgeConfig
+from rewards.judge.ledger import Ledger
+from rewards.judge.ratelimit import RateLimiter
+from rewards.judge.parse import Verdict, VerdictError, parse_verdict
+from rewards.judge.prompt import PromptTemplate, default_template, render_user_text
 
 log = logging.getLogger("rewards.judge")
 

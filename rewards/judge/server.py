@@ -1,12 +1,12 @@
 """A local judge that speaks the OpenAI chat-completions protocol on 127.0.0.1.
 
-    python -m rewards.judge_server --backend rubric --port 0
-    python -m rewards.judge_server --backend transformers --model /path/to/chat-checkpoint
+    python -m rewards.judge.server --backend rubric --port 0
+    python -m rewards.judge.server --backend transformers --model /path/to/chat-checkpoint
 
 Prints ``JUDGE_URL=http://127.0.0.1:PORT/v1`` once listening; SIGTERM or SIGINT stops it
 cleanly. Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
 
-Backends: ``rubric`` (default) is the deterministic grader of :mod:`rewards.rubric`;
+Backends: ``rubric`` (default) is the deterministic grader of :mod:`rewards.judge.rubric`;
 ``transformers`` serves any local chat checkpoint (``AutoModelForCausalLM`` + the tokenizer's
 chat template, greedy at temperature 0, one request at a time). ``--delay-ms`` adds a fixed
 latency to every reply (used by bench/judge_throughput.py to simulate a remote judge).
@@ -26,7 +26,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from rewards.rubric import grade_prompt
+from rewards.judge.rubric import grade_prompt
 
 MAX_BODY = 64 * 1024 * 1024
 
@@ -46,7 +46,7 @@ def _message_text(message: dict) -> str:
 
 
 class RubricBackend:
-    """Deterministic rubric grading of prompts rendered by :mod:`rewards.judge_prompt`."""
+    """Deterministic rubric grading of prompts rendered by :mod:`rewards.judge.prompt`."""
 
     name = "rubric"
 
@@ -57,7 +57,7 @@ class RubricBackend:
         text = _message_text(users[-1])
         verdict = grade_prompt(text)
         if verdict is None:
-            raise BadRequest("user message has no delimited judge sections (render it with rewards.judge_prompt)")
+            raise BadRequest("user message has no delimited judge sections (render it with rewards.judge.prompt)")
         content = json.dumps(verdict)
         prompt_tokens = sum(len(_message_text(m).split()) for m in messages if isinstance(m, dict))
         return content, prompt_tokens, len(content.split())
@@ -233,13 +233,13 @@ class LocalJudge:
 def start_local_judge(backend: str = "rubric", *, model: str | None = None, port: int = 0,
                       delay_ms: float = 0.0, extra_args: tuple[str, ...] = (),
                       startup_timeout: float = 120.0) -> LocalJudge:
-    """Start ``python -m rewards.judge_server`` and wait for its URL."""
-    cmd = [sys.executable, "-m", "rewards.judge_server", "--backend", backend, "--port", str(port),
+    """Start ``python -m rewards.judge.server`` and wait for its URL."""
+    cmd = [sys.executable, "-m", "rewards.judge.server", "--backend", backend, "--port", str(port),
            "--delay-ms", str(delay_ms), *extra_args]
     if model:
         cmd += ["--model", str(model)]
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # works without `pip install -e .`
+    root = str(Path(__file__).resolve().parents[2])  # works without `pip install -e .`
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)

@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from rewards import AccuracyReward, FormatReward, JudgeConfig, ProcessReward, RewardSample, score_all
-from rewards.judge_server import start_local_judge
+from rewards.judge.server import start_local_judge
 
 pytestmark = pytest.mark.server
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 OPTS = ["Adenoma", "Adenocarcinoma", "Lymphoma"]
 CRITERIA = ["Glands invade the stroma", "Marked nuclear pleomorphism", "Lymphoma is excluded"]
 FULL = "The image shows glands invading the stroma. There is marked nuclear pleomorphism. Lymphoma is excluded."
@@ -69,7 +69,7 @@ def test_protocol_surface(rubric_judge):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_prints_url_and_shuts_down_cleanly(sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "rewards.judge_server", "--backend", "rubric", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "rewards.judge.server", "--backend", "rubric", "--port", "0"],
                             stdout=subprocess.PIPE, text=True, env=env, cwd="/")
     line = proc.stdout.readline()
     assert line.startswith("JUDGE_URL=http://127.0.0.1:") and line.strip().endswith("/v1")

@@ -14,7 +14,8 @@ import math
 import re
 from dataclasses import dataclass
 
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL)
+from rewards.text import THINK_RE
+
 _FENCE_RE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.DOTALL)
 MAX_REPLY_CHARS = 50_000
 MAX_OBJECT_STARTS = 256
@@ -122,7 +123,7 @@ def parse_verdict(content) -> Verdict:
         raise VerdictError("empty reply")
     if len(content) > MAX_REPLY_CHARS:
         raise VerdictError(f"reply longer than {MAX_REPLY_CHARS} characters")
-    text = _THINK_RE.sub("", content).strip()
+    text = THINK_RE.sub("", content).strip()
     if "<think>" in text:
         raise VerdictError("reply ends inside an unclosed <think> block")
     obj = _extract_object(text)

@@ -10,7 +10,7 @@ request for a given ID performs the n-th step (the last step repeats). Steps:
 ``ok`` replies with the scores in ``SCORES=a,b`` (default 0.5,0.5). ``GET /stats`` returns, per
 ID, the arrival times, the Authorization headers and the number of image parts received.
 
-    python tests/rewards/fault_judge.py   # prints JUDGE_URL=http://127.0.0.1:PORT/v1
+    python tests/rewards/judge/fault_judge.py   # prints JUDGE_URL=http://127.0.0.1:PORT/v1
 """
 from __future__ import annotations
 

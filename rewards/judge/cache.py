@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from rewards.judge_parse import Verdict
+from rewards.judge.parse import Verdict
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS judgments (
     key TEXT PRIMARY KEY, integrity REAL NOT NULL, knowledge REAL NOT NULL, rationale TEXT,

@@ -8,13 +8,13 @@ from PIL import Image
 
 from rewards import JudgeClient, JudgeConfig, PromptTemplate, RewardSample, VerdictError, default_template
 from rewards import parse_verdict
-from rewards.images import encode_image
-from rewards.judge_cache import JudgmentCache
-from rewards.judge_client import parse_retry_after
-from rewards.judge_ledger import RateLimiter
-from rewards.judge_parse import Verdict
-from rewards.judge_prompt import parse_criteria, parse_options, parse_sections, render_user_text
-from rewards.rubric import grade, grade_prompt
+from rewards.judge.images import encode_image
+from rewards.judge.cache import JudgmentCache
+from rewards.judge.client import parse_retry_after
+from rewards.judge.ratelimit import RateLimiter
+from rewards.judge.parse import Verdict
+from rewards.judge.prompt import parse_criteria, parse_options, parse_sections, render_user_text
+from rewards.judge.rubric import grade, grade_prompt
 
 V = '{"integrity": 0.8, "knowledge": 0.6, "rationale": "ok"}'
 

@@ -1,6 +1,6 @@
-"""The deterministic rubric judge behind ``judge_server --backend rubric``.
+"""The deterministic rubric judge behind ``python -m rewards.judge.server --backend rubric``.
 
-It reads the delimited sections of the judge prompt (see :mod:`rewards.judge_prompt`) and scores:
+It reads the delimited sections of the judge prompt (see :mod:`rewards.judge.prompt`) and scores:
 
 * **integrity** -- the fraction of evaluation criteria the reasoning establishes. A criterion's
   *key terms* are its normalised words minus stop words and negation words; a word matches a
@@ -27,7 +27,7 @@ import re
 
 from rewards.accuracy import ASSERT_RE, AccuracyReward, resolve_option, resolve_yes_no
 from rewards.base import RewardSample
-from rewards.judge_prompt import parse_criteria, parse_options, parse_sections
+from rewards.judge.prompt import parse_criteria, parse_options, parse_sections
 from rewards.text import last_answer, normalize, reasoning_text, words
 
 STEM = 5

@@ -1,7 +1,7 @@
 """The versioned judge prompt and its delimited sections.
 
-The template (``rewards/prompts/process_v1.txt``) holds the instructions; the renderer turns each
-field of a sample into a *section*::
+The template (``rewards/judge/prompts/process_v1.txt``) holds the instructions; the renderer
+turns each field of a sample into a *section*::
 
     <<<COMPLETION 3f9c0a1b2c4d5e6f>>>
     ...the policy's text...

@@ -1,0 +1,11 @@
+"""The LLM judge behind the process reward: an async client for any OpenAI-compatible server,
+its configuration, judgment cache, usage ledger and rate limiter, the versioned prompt, the
+verdict parser, and a local judge server (``python -m rewards.judge.server``) with its
+deterministic rubric. See docs/rewards.md."""
+from rewards.judge.client import JudgeClient, JudgeError
+from rewards.judge.config import JudgeConfig
+from rewards.judge.parse import Verdict, VerdictError, parse_verdict
+from rewards.judge.prompt import PromptTemplate, default_template
+
+__all__ = ["JudgeClient", "JudgeConfig", "JudgeError", "PromptTemplate", "Verdict", "VerdictError",
+           "default_template", "parse_verdict"]
