@@ -17,7 +17,7 @@ setup(
     packages=find_packages(include=["grpo", "grpo.*", "rewards", "rewards.*", "models", "models.*",
                                     "data", "data.*"]),
     include_package_data=True,
-    package_data={"data": ["embedded/*.json", "embedded/*.jsonl"], "rewards": ["prompts/*.txt"]},
+    package_data={"rewards": ["judge/prompts/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

@@ -3,7 +3,8 @@
 * :class:`VQARecord`, :class:`VQADataset` - the record type and a list of records with a report;
 * :func:`load_dataset` - this project's JSONL and the public layouts (PathVQA, PMC-VQA,
   OmniMedVQA, PathMMU, SLAKE, VQA-RAD), validated with clear errors;
-* :func:`load_embedded`, :func:`embedded_splits` - the offline default dataset;
+* :func:`load_embedded`, :func:`embedded_splits` - the offline default dataset
+  (:mod:`data.embedded`: procedural tiles, OOD cartoons, package images, DICOM reader);
 * :mod:`data.prompts` - R1 prompts, Qwen2.5-VL chat messages, SFT targets, image loading;
 * :mod:`data.splits` - seeded image-disjoint splits and content-hash manifests.
 

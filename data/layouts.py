@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from .records import LETTERS, VQARecord, normalize_modality, option_index
-from .validation import Where
+from .records import (LETTERS, VQARecord, Where, letter_index, lettered, normalize_modality,
+                      option_index)
 
 _LETTER_PREFIX = re.compile(r"^\s*\(?([A-J])\s*[:.)]\s*")  # "A:CT", "B) text", "(C) text"
 _BARE_LETTER = re.compile(r"^\s*\(?([A-J])\)?\s*[.:]?\s*$")  # "B", "(B)", "B." as an answer
@@ -78,8 +78,9 @@ def answer_text(options: list[str] | None, answer) -> str:
     answer = "" if answer is None else str(answer).strip()
     if options and option_index(options, answer) is None:
         match = _BARE_LETTER.match(answer)
-        if match and LETTERS.index(match.group(1)) < len(options):
-            return options[LETTERS.index(match.group(1))]
+        index = letter_index(match.group(1), len(options)) if match else None
+        if index is not None:
+            return options[index]
     return answer
 
 
@@ -199,7 +200,7 @@ def _build_pathmmu(row: dict, ctx: Context) -> VQARecord:
     if not isinstance(raw, list):
         raise ctx.where.error("bad_value", "options", f"expected a list or letter->text "
                               f"mapping, got {raw!r}", "write options as a list of texts")
-    options = [strip_letter(o, LETTERS[i]) for i, o in enumerate(raw)]
+    options = [strip_letter(o, letter) for letter, o in lettered(raw)]
     image = row.get("img") or row.get("image") or row.get("image_path") or ""
     explanation = str(extra.get("explanation") or "").strip()
     criteria = [s.strip() for s in re.split(r"(?<=[.!?])\s+", explanation) if s.strip()]

@@ -13,7 +13,8 @@ import math
 
 from PIL import Image
 
-from .records import LETTERS, VQARecord
+from .readers import read_image
+from .records import VQARecord, lettered
 
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -37,7 +38,7 @@ def format_options(options: list[str] | None) -> str:
     """'A. first\\nB. second\\n' (empty for open questions)."""
     if not options:
         return ""
-    return "".join(f"{LETTERS[i]}. {text}\n" for i, text in enumerate(options))
+    return "".join(f"{letter}. {text}\n" for letter, text in lettered(options))
 
 
 def build_question(record: VQARecord) -> str:
@@ -111,8 +112,7 @@ def load_image(path: str, min_pixels: int = MIN_PIXELS,
                max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image as RGB and resize it so both sides are multiples of 28 and the pixel
     count lies in [min_pixels, max_pixels] (PathVLM-R1: 3,136 and 65,536)."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    image = read_image(path)
     height, width = smart_size(image.height, image.width, min_pixels, max_pixels)
     if (height, width) != (image.height, image.width):
         image = image.resize((width, height), Image.Resampling.BICUBIC)

@@ -1,7 +1,9 @@
-"""Raw file readers: JSONL, JSON, CSV, PathVQA pickles and (optionally) Parquet.
+"""Raw file readers: JSONL, JSON, CSV, PathVQA pickles, (optionally) Parquet, images, hashes.
 
-Each reader yields ``(Where, dict)`` pairs so that every later error can name the file and the
-line (JSONL, CSV) or item (JSON, pickle, Parquet) it came from.
+Each record reader yields ``(Where, dict)`` pairs so that every later error can name the file and
+the line (JSONL, CSV) or item (JSON, pickle, Parquet) it came from. Every image in the package
+is opened through :func:`read_image` / :func:`image_format`, and every sha256 is taken by
+:func:`sha256_hex` / :func:`file_sha256`.
 """
 from __future__ import annotations
 
@@ -13,10 +15,49 @@ import os
 import pickle
 from typing import Iterator
 
-from .records import DataError
-from .validation import Where
+from PIL import Image
+
+from .records import DataError, Where
 
 Row = tuple[Where, dict]
+
+
+def sha256_hex(content: bytes | str) -> str:
+    """Hex sha256 of bytes, or of text encoded as UTF-8."""
+    return hashlib.sha256(content.encode("utf-8") if isinstance(content, str)
+                          else content).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_image(source: str | bytes) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def read_image(source: str | bytes, page: int = 0) -> Image.Image:
+    """Decode an image (a path or the file's bytes) into an RGB PIL image; ``page`` selects a
+    TIFF/SVS page (1 = the first downsampled level). Raises Pillow's errors."""
+    with _open_image(source) as image:
+        if page:
+            image.seek(page)
+        return image.convert("RGB")
+
+
+def image_format(source: str | bytes, verify: bool = False) -> str | None:
+    """Pillow's format name (``"PNG"``, ``"JPEG"``...) from the header; with ``verify`` also
+    check the file's structure and checksums without decoding all pixels. Raises Pillow's
+    errors for data it cannot read."""
+    with _open_image(source) as image:
+        if verify:
+            image.verify()
+        return image.format
 
 
 def read_jsonl(path: str) -> Iterator[Row | DataError]:
@@ -111,7 +152,7 @@ def read_parquet(path: str, image_dir: str) -> list[dict]:
 def write_image_bytes(data: bytes, name: str | None, image_dir: str) -> str:
     """Write embedded image bytes to ``image_dir`` under a content-hash name; return the path."""
     ext = os.path.splitext(name or "")[1] or _sniff_ext(data)
-    target = os.path.join(image_dir, hashlib.sha256(data).hexdigest()[:20] + ext)
+    target = os.path.join(image_dir, sha256_hex(data)[:20] + ext)
     if not os.path.exists(target):
         with open(target, "wb") as handle:
             handle.write(data)
@@ -119,9 +160,7 @@ def write_image_bytes(data: bytes, name: str | None, image_dir: str) -> str:
 
 
 def _sniff_ext(data: bytes) -> str:
-    from PIL import Image
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return "." + (image.format or "png").lower().replace("jpeg", "jpg")
+        return "." + (image_format(data) or "png").lower().replace("jpeg", "jpg")
     except OSError:
         return ".bin"

@@ -1,4 +1,5 @@
-"""The VQA record type, the error raised for bad input, and the dataset container with its report.
+"""The VQA record type, the error raised for bad input (and where it was found), option letters,
+and the dataset container with its report.
 
 Every loader in :mod:`data.loaders` turns a public layout into :class:`VQARecord` objects; the
 rest of the library (prompts, rewards, trainers) only ever sees this one type.
@@ -56,6 +57,17 @@ class DataError(ValueError):
 
 
 @dataclass
+class Where:
+    """Location of a raw record, used to build error messages."""
+
+    file: str
+    record: str  # "line 12" or "id 'abc'" or "item 3"
+
+    def error(self, reason: str, field_name: str, problem: str, fix: str) -> DataError:
+        return DataError(reason, self.file, self.record, field_name, problem, fix)
+
+
+@dataclass
 class VQARecord:
     """One visual question with its reference answer.
 
@@ -107,6 +119,18 @@ class VQARecord:
 def normalize_text(text: Any) -> str:
     """Comparison key for answers: trimmed, case-folded, inner whitespace collapsed."""
     return " ".join(str(text).split()).casefold()
+
+
+def lettered(options: list[str]) -> list[tuple[str, str]]:
+    """``[("A", first option), ("B", second), ...]``: the one place options get their letters."""
+    return [(LETTERS[i], text) for i, text in enumerate(options)]
+
+
+def letter_index(letter: str, n_options: int) -> int | None:
+    """Index of the option named by ``letter`` (``"B"`` -> 1), or None if it names none of
+    ``n_options`` options."""
+    index = LETTERS.find(letter) if len(letter) == 1 else -1
+    return index if 0 <= index < n_options else None
 
 
 def option_index(options: list[str], answer: str) -> int | None:

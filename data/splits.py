@@ -6,13 +6,13 @@ an image it was trained on), so records are grouped by image before they are dea
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
 from dataclasses import asdict
 
+from .readers import file_sha256, sha256_hex
 from .records import VQARecord
 
 PAPER_SIZES = {"sft": 3000, "rl": 1000, "test": 1385}
@@ -93,20 +93,12 @@ def split_records(records: list[VQARecord], sizes=None, seed: int = 42) -> dict[
     return out
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def record_sha256(record: VQARecord, image_hashes: list[str]) -> str:
     """Hash of the record's content with images replaced by their bytes' hashes, so the same data
     at a different path (another machine, another cache dir) hashes the same."""
     content = {**asdict(record), "images": image_hashes}
     text = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return sha256_hex(text)
 
 
 def build_manifest(splits: dict[str, list]) -> dict:
@@ -120,10 +112,10 @@ def build_manifest(splits: dict[str, list]) -> dict:
                             "images": hashes})
         joined = "".join(e["sha256"] for e in entries)
         out["splits"][name] = {"n": len(entries),
-                               "sha256": hashlib.sha256(joined.encode()).hexdigest(),
+                               "sha256": sha256_hex(joined),
                                "records": entries}
     joined = "".join(s["sha256"] for s in out["splits"].values())
-    out["sha256"] = hashlib.sha256(joined.encode()).hexdigest()
+    out["sha256"] = sha256_hex(joined)
     return out
 
 

@@ -22,22 +22,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from .records import DataError, LoadReport, VQADataset, VQARecord, option_index
+from .readers import image_format
+from .records import DataError, LoadReport, VQADataset, VQARecord, Where, option_index
 
 CHECK_IMAGES = ("open", "exists", "none")
-
-
-@dataclass
-class Where:
-    """Location of a raw record, used to build error messages."""
-
-    file: str
-    record: str  # "line 12" or "id 'abc'" or "item 3"
-
-    def error(self, reason: str, field_name: str, problem: str, fix: str) -> DataError:
-        return DataError(reason, self.file, self.record, field_name, problem, fix)
 
 
 def check_image(path: str, where: Where, field_name: str, mode: str = "open") -> None:
@@ -50,8 +40,7 @@ def check_image(path: str, where: Where, field_name: str, mode: str = "open") ->
                           "relative image paths start from")
     if mode == "open":
         try:
-            with Image.open(path) as image:
-                image.verify()  # reads headers and checksums without decoding all pixels
+            image_format(path, verify=True)  # headers and checksums, not all pixels
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise where.error("unreadable_image", field_name,
                               f"Pillow cannot read image {path} ({exc.__class__.__name__}: "

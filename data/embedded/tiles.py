@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .questions import exclusions
+
 GENERATOR_VERSION = "p2"
 
 
@@ -196,16 +198,13 @@ def _criteria(family: str, truth: dict, options: list[str], answer: str, attrs) 
     facts = [_fact(a, truth) for a in attrs]
     if family == "grade":
         facts.append(f"the score is {truth['grade_points']} of 3 points, so the tile is {answer}")
-    for letter, option in zip("ABCD", options):
-        if option == answer:
-            continue
+
+    def why(option: str) -> str:
         if family == "grade":
-            why = f"the score is {truth['grade_points']}"
-        else:  # name the attribute(s) that rule this option out
-            wrong = [a for a in attrs if WORDS[a][truth[a]] not in option]
-            why = " and ".join(_fact(a, truth) for a in wrong)
-        facts.append(f"option {letter} ({option}) is excluded because {why}")
-    return facts
+            return f"the score is {truth['grade_points']}"
+        wrong = [a for a in attrs if WORDS[a][truth[a]] not in option]  # attrs ruling it out
+        return " and ".join(_fact(a, truth) for a in wrong)
+    return facts + exclusions(options, answer, why)
 
 
 def make_question(family: str, truth: dict) -> dict:

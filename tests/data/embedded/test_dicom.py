@@ -4,7 +4,7 @@ import importlib.metadata
 
 import pytest
 
-from data.dicom import DicomError, dicom_to_image, read_dicom
+from data.embedded.dicom import DicomError, dicom_to_image, read_dicom
 
 
 def _file(name):

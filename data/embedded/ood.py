@@ -2,7 +2,7 @@
 and OCT (the paper draws them from OmniMedVQA). Each image has one binary finding that is known
 by construction, so questions, answers and criteria are exact. They are cartoons of the
 modality, labelled ``extra["synthetic"] = True``; real images, where a package ships one, come
-from :mod:`data.assets`.
+from :mod:`data.embedded.assets`.
 
 Half the items ask for the finding, half ask which modality produced the image.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .questions import MODALITY_QUESTION, exclusions
 
 OOD_MODALITIES = ("ct", "dermoscopy", "fundus", "oct")
 MODALITY_OPTIONS = ["CT", "dermoscopy", "fundus photography", "OCT"]
@@ -142,12 +144,9 @@ def generate_ood_item(modality: str, seed: int, index: int, size: int = 112):
     finding_fact = facts[int(present)]
     if task == "finding":
         answer = options[int(present)]
-        wrong = options[1 - int(present)]
-        letter = "AB"[1 - int(present)]
-        criteria = [finding_fact, f"option {letter} ({wrong}) is excluded because "
-                                  f"{finding_fact}"]
+        criteria = [finding_fact, *exclusions(options, answer, lambda _: finding_fact)]
     else:
-        question, options = "What imaging modality produced this image?", MODALITY_OPTIONS
+        question, options = MODALITY_QUESTION, MODALITY_OPTIONS
         answer = MODALITY_OPTIONS[OOD_MODALITIES.index(modality)]
         criteria = [MODALITY_FACTS[modality]]
     item = {"question": question, "options": list(options), "answer": answer,
