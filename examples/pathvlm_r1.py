@@ -291,7 +291,7 @@ def run(args, out: Path) -> dict:
         def judge() -> JudgeConfig:
             url = args.judge_url
             if url is None:
-                from rewards.judge_server import start_local_judge
+                from rewards.judge.server import start_local_judge
                 url = stack.enter_context(start_local_judge("rubric")).url
                 log(f"local rubric judge at {url}")
             return JudgeConfig(base_url=url, model=args.judge_model if args.judge_url else "rubric",
