@@ -5,16 +5,24 @@
   OmniMedVQA, PathMMU, SLAKE, VQA-RAD), validated with clear errors;
 * :func:`load_embedded`, :func:`embedded_splits` - the offline default dataset
   (:mod:`data.embedded`: procedural tiles, OOD cartoons, package images, DICOM reader);
-* :mod:`data.prompts` - R1 prompts, Qwen2.5-VL chat messages, SFT targets, image loading;
-* :mod:`data.splits` - seeded image-disjoint splits and content-hash manifests.
+* :mod:`data.prompts` - R1 prompts, Qwen2.5-VL chat messages, SFT targets, image loading
+  (:data:`SYSTEM_PROMPT`, :func:`build_messages`, :func:`build_sft_target` at package level);
+* :mod:`data.splits` - seeded image-disjoint splits and content-hash manifests
+  (:func:`split_records`, :func:`write_manifest` at package level);
+* :mod:`data.readers` - the one image decoder (:func:`read_image`) and sha256 helpers, which
+  ``rewards`` and ``grpo`` use too.
 
 See docs/data.md.
 """
 from . import prompts, splits
 from .embedded import embedded_splits, load_embedded
 from .loaders import detect_layout, load_dataset
+from .prompts import SYSTEM_PROMPT, build_messages, build_sft_target
+from .readers import read_image
 from .records import DataError, LoadReport, VQADataset, VQARecord, normalize_modality
+from .splits import split_records, write_manifest
 
 __all__ = ["VQARecord", "VQADataset", "LoadReport", "DataError", "load_dataset",
            "detect_layout", "load_embedded", "embedded_splits", "normalize_modality", "prompts",
-           "splits"]
+           "splits", "SYSTEM_PROMPT", "build_messages", "build_sft_target", "read_image",
+           "split_records", "write_manifest"]

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
@@ -40,16 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from grpo import GRPOConfig, GRPOTrainer  # noqa: E402
-from grpo.config import SFTConfig  # noqa: E402
-from grpo.engine import default_device, init_distributed  # noqa: E402
-from grpo.evaluate import EvalResult, evaluate  # noqa: E402
-from grpo.sft import SFTTrainer  # noqa: E402
-from models import ModelConfig, load_policy, load_processor  # noqa: E402
-from rewards import AccuracyReward, FormatReward, JudgeConfig, ProcessReward  # noqa: E402
+from grpo import (EvalResult, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, default_device,  # noqa: E402
+                  evaluate, init_distributed)
+from models import ModelConfig, TinySpec, default_corpus, ensure_tiny_checkpoint, load_policy, load_processor  # noqa: E402
+from rewards import AccuracyReward, FormatReward, JudgeConfig, ProcessReward, start_local_judge  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pathvlm_report import write_report  # noqa: E402
+from pathvlm_report import write_report, write_seed_summary  # noqa: E402  (examples/, next to this file)
 
 STAGES = ("alpha", "beta", "r1", "gamma", "delta", "epsilon")
 VARIANTS = ("base",) + STAGES
@@ -59,20 +55,28 @@ OOD_SOURCES = {"ct": "Chest CT Scan", "dermoscopy": "ISIC2020", "oct": "Retinal 
 
 @dataclass(frozen=True)
 class Profile:
-    """Hyper-parameters of one run. PAPER reproduces PathVLM-R1 §4; TINY fits a 2-core CPU."""
+    """Hyper-parameters of one run. PAPER reproduces PathVLM-R1 §4; TINY fits a 2-core CPU.
+
+    Fields named like a GRPOConfig field are that field; ``sft_<name>`` is SFTConfig's ``<name>``
+    (``config_fields`` builds the configs from them). The rest belong to the pipeline."""
     sizes: tuple[int, int, int] = (3000, 1000, 1385)   # SFT / RL / test records
-    sft_lr: float = 1e-5
-    sft_epochs: float = 1.0
-    sft_batch: int = 16
-    sft_micro_batch: int = 4
-    grpo_lr: float = 1e-6                 # paper
-    grpo_epochs: float = 1.0
+    # --- SFT stages (SFTConfig) ---
+    sft_learning_rate: float = 1e-5
+    sft_lr_scheduler: str = "cosine"
+    sft_batch_size: int = 16
+    sft_micro_batch_size: int = 4
+    sft_max_target_length: int = 192
+    sft_epochs: float = 1.0               # -> SFTConfig.max_steps
+    # --- GRPO stages (GRPOConfig) ---
+    learning_rate: float = 1e-6           # paper
     num_generations: int = 4              # paper: G = 4
     prompts_per_step: int = 2
-    micro_batch: int = 4
+    micro_batch_size: int = 4
     max_completion_length: int = 192      # paper
     beta: float = 0.04                    # paper
     temperature: float = 1.0
+    grpo_epochs: float = 1.0              # -> GRPOConfig.max_steps
+    # --- model, evaluation, data ---
     eval_batch: int = 16
     freeze_vision: bool = True            # paper
     max_pixels: int = 65536               # paper
@@ -81,16 +85,24 @@ class Profile:
     tiny_model: tuple[tuple[str, int], ...] = ()  # TinySpec overrides when no --model is given
 
 
+def config_fields(profile: Profile, config_cls, prefix: str = "") -> dict:
+    """The profile's values of ``config_cls``'s fields: ``<prefix><name>`` -> ``<name>``."""
+    names = {f.name for f in fields(config_cls)}
+    return {f.name[len(prefix):]: getattr(profile, f.name) for f in fields(profile)
+            if f.name.startswith(prefix) and f.name[len(prefix):] in names}
+
+
 PAPER = Profile()
-TINY = Profile(sft_lr=2e-3, sft_epochs=1.0, sft_batch=16, sft_micro_batch=16, grpo_lr=2e-4, grpo_epochs=0.75,
-               prompts_per_step=8, micro_batch=32, max_completion_length=160, eval_batch=64,
-               freeze_vision=False, ood_per_modality=100,
-               # vision 128 / text 256 wide: the ~1M-parameter default plateaus at chance on the
-               # nuclei-size questions for 500+ SFT steps; this one learns them (docs/quickstart.md)
+TINY = Profile(sft_learning_rate=2e-3, sft_batch_size=16, sft_micro_batch_size=16, sft_max_target_length=160,
+               learning_rate=2e-4, grpo_epochs=0.75, prompts_per_step=8, micro_batch_size=32,
+               max_completion_length=160, eval_batch=64, freeze_vision=False, ood_per_modality=100,
+               # vision 128 / text 256 wide (2.6M parameters): the 0.85M-parameter default plateaus at
+               # chance on the nuclei-size questions for 500+ SFT steps; this one learns them
+               # (docs/quickstart.md)
                tiny_model=(("vision_hidden", 128), ("vision_intermediate", 256), ("text_hidden", 256),
                            ("text_intermediate", 512)))
-QUICK = replace(TINY, sizes=(48, 16, 24), sft_epochs=2.0, grpo_epochs=1.0, prompts_per_step=4, micro_batch=16,
-                max_completion_length=48, ood_per_modality=4, tiny_model=())
+QUICK = replace(TINY, sizes=(48, 16, 24), sft_epochs=2.0, grpo_epochs=1.0, prompts_per_step=4, micro_batch_size=16,
+                max_completion_length=48, sft_max_target_length=48, ood_per_modality=4, tiny_model=())
 
 
 def is_main() -> bool:
@@ -109,7 +121,7 @@ def load_splits(args, profile: Profile, out: Path) -> dict:
         records = data.load_dataset(args.data, layout=args.layout, image_root=args.image_root,
                                     skip_invalid=args.skip_invalid)
         log(records.report.summary())
-        parts = data.splits.split_records(records, dict(zip(("sft", "rl", "test"), profile.sizes)), args.seed)
+        parts = data.split_records(records, dict(zip(("sft", "rl", "test"), profile.sizes)), args.seed)
     else:
         parts = data.embedded_splits(seed=args.seed, sizes=profile.sizes, ood_n=profile.ood_per_modality)
         parts = {k: parts[k] for k in ("sft", "rl", "test")} | {"ood": parts["ood"]}
@@ -126,8 +138,8 @@ def load_splits(args, profile: Profile, out: Path) -> dict:
     if profile.ood_per_modality:
         parts["ood"] = {m: list(v)[:profile.ood_per_modality] for m, v in parts["ood"].items()}
     if is_main():
-        data.splits.write_manifest({k: v for k, v in parts.items() if k != "ood"}
-                                   | {f"ood-{m}": v for m, v in parts["ood"].items()}, out / "data_manifest.json")
+        data.write_manifest({k: v for k, v in parts.items() if k != "ood"}
+                            | {f"ood-{m}": v for m, v in parts["ood"].items()}, out / "data_manifest.json")
     log("splits: " + ", ".join(f"{k}={len(v)}" for k, v in parts.items() if k != "ood")
         + " | ood: " + ", ".join(f"{m}={len(v)}" for m, v in parts["ood"].items()))
     return parts
@@ -138,11 +150,8 @@ def base_model(args, parts: dict, out: Path, profile: Profile) -> Path:
     the SFT split's prompts and targets."""
     if args.model:
         return Path(args.model)
-    from data.prompts import SYSTEM_PROMPT, build_messages, build_sft_target
-    from models.tiny import TinySpec, ensure_tiny_checkpoint
-    from models.tokenization import default_corpus
-    texts = [SYSTEM_PROMPT] + [build_messages(r)[1]["content"][-1]["text"] + " " + build_sft_target(r)
-                               for r in parts["sft"]]
+    texts = [data.SYSTEM_PROMPT] + [data.build_messages(r)[1]["content"][-1]["text"] + " "
+                                    + data.build_sft_target(r) for r in parts["sft"]]
     spec = TinySpec(seed=args.seed, **dict(profile.tiny_model))
     if is_main():  # one rank builds, the others wait and read it
         ensure_tiny_checkpoint(out / "models" / "base", spec, corpus=default_corpus() + texts)
@@ -165,14 +174,17 @@ def load(path: Path, profile: Profile, args):
     return load_policy(model_config(path, profile)), processor
 
 
+def run_fields(name: str, args, out: Path) -> dict:
+    """What every stage's config takes from the command line rather than the profile."""
+    return dict(seed=args.seed, output_dir=str(out / "stages" / name), save_steps=args.save_steps,
+                resume_from_checkpoint="auto", deepspeed=args.deepspeed, progress_bar=not args.no_progress)
+
+
 def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) -> dict:
     model, processor = load(parent, profile, args)
-    steps = max(1, round(profile.sft_epochs * len(records) / profile.sft_batch / world_size()))
-    cfg = SFTConfig(batch_size=profile.sft_batch, micro_batch_size=profile.sft_micro_batch, max_steps=steps,
-                    learning_rate=profile.sft_lr, lr_scheduler="cosine", warmup_steps=max(1, steps // 20),
-                    max_target_length=profile.max_completion_length, seed=args.seed,
-                    output_dir=str(out / "stages" / name), save_steps=args.save_steps, resume_from_checkpoint="auto",
-                    deepspeed=args.deepspeed, progress_bar=not args.no_progress)
+    steps = max(1, round(profile.sft_epochs * len(records) / profile.sft_batch_size / world_size()))
+    cfg = SFTConfig(**config_fields(profile, SFTConfig, prefix="sft_"), max_steps=steps,
+                    warmup_steps=max(1, steps // 20), **run_fields(name, args, out))
     trainer = SFTTrainer(model, cfg, train_dataset=records, processor=processor)
     history = trainer.train()
     trainer.save_model(out / "models" / name)
@@ -182,12 +194,8 @@ def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) ->
 def grpo_stage(name, parent: Path, records, rewards, profile: Profile, args, out: Path) -> dict:
     model, processor = load(parent, profile, args)
     steps = max(1, round(profile.grpo_epochs * len(records) / profile.prompts_per_step / world_size()))
-    cfg = GRPOConfig(num_generations=profile.num_generations, prompts_per_step=profile.prompts_per_step,
-                     micro_batch_size=profile.micro_batch, max_steps=steps, learning_rate=profile.grpo_lr,
-                     max_completion_length=profile.max_completion_length, beta=profile.beta,
-                     temperature=profile.temperature, seed=args.seed, output_dir=str(out / "stages" / name),
-                     save_steps=args.save_steps, resume_from_checkpoint="auto", deepspeed=args.deepspeed,
-                     progress_bar=not args.no_progress, log_completions=2)
+    cfg = GRPOConfig(**config_fields(profile, GRPOConfig), max_steps=steps, log_completions=2,
+                     **run_fields(name, args, out))
     trainer = GRPOTrainer(model, rewards, args=cfg, train_dataset=records, processor=processor)
     history = trainer.train()
     trainer.save_model(out / "models" / name)
@@ -291,7 +299,6 @@ def run(args, out: Path) -> dict:
         def judge() -> JudgeConfig:
             url = args.judge_url
             if url is None:
-                from rewards.judge.server import start_local_judge
                 url = stack.enter_context(start_local_judge("rubric")).url
                 log(f"local rubric judge at {url}")
             return JudgeConfig(base_url=url, model=args.judge_model if args.judge_url else "rubric",
@@ -324,7 +331,6 @@ def run(args, out: Path) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.seeds:
-        from pathvlm_report import write_seed_summary
         runs = {}
         for seed in [int(s) for s in args.seeds.split(",")]:
             args.seed = seed

@@ -9,6 +9,8 @@ import json
 import statistics
 from pathlib import Path
 
+import data
+
 NAMES = {"base": "Base", "alpha": "Alpha (SFT)", "beta": "Beta (Alpha + GRPO acc+fmt)",
          "r1": "PathVLM-R1 (Beta + process reward)", "gamma": "Gamma (Alpha + SFT on RL split)",
          "delta": "Delta (base + SFT on RL split)", "epsilon": "Epsilon (base + GRPO on RL split)"}
@@ -54,10 +56,22 @@ def _read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_accuracy(results: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg back-end (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(results: dict, path: Path) -> None:
+    plt = _pyplot()
     variants = list(results)
     ind = [100 * results[v]["test"].accuracy for v in variants]
     ood = [100 * (_ood_mean(results[v]) or 0) for v in variants]
@@ -69,16 +83,12 @@ def plot_accuracy(results: dict, path: Path) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy by variant (stage-wise training, paper Fig. 3/4)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_curves(out: Path, path: Path) -> list[str]:
     """Reward / KL / completion length per step for every GRPO stage that ran."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     keys = [("reward/mean", "mean reward"), ("kl_mean", "KL to reference"),
             ("completion/length_mean", "completion length (tokens)"), ("reward/process/mean", "process reward")]
     fig, axes = plt.subplots(1, len(keys), figsize=(16, 3.6))
@@ -97,19 +107,15 @@ def plot_curves(out: Path, path: Path) -> list[str]:
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return plotted
 
 
 def _thumbnail(path: str) -> str:
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((160, 160))
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
+    im = data.read_image(path)
+    im.thumbnail((160, 160))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -2,9 +2,15 @@
 
     from grpo import GRPOTrainer, GRPOConfig
 
-``grpo.core`` holds the maths as pure tensor functions; ``grpo.trainer`` the loop.
+``grpo.core`` holds the maths as pure tensor functions; ``grpo.trainer`` the loop. The package
+level is the public API: the trainers and their configs, evaluation, and the two helpers a
+launcher needs (``init_distributed``, ``default_device``). See docs/architecture.md.
 """
-from .config import GRPOConfig
+from .config import GRPOConfig, SFTConfig
+from .engine import default_device, init_distributed
+from .evaluate import EvalResult, evaluate
+from .sft import SFTTrainer
 from .trainer import GRPOTrainer
 
-__all__ = ["GRPOConfig", "GRPOTrainer"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "EvalResult", "evaluate",
+           "default_device", "init_distributed"]

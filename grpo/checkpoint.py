@@ -8,7 +8,6 @@ checkpoint whose files do not match its manifest is reported, never half-loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -20,16 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.readers import file_sha256
+
 MANIFEST = "MANIFEST.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def rng_state() -> dict:
@@ -48,8 +41,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_manifest(folder: Path) -> None:
+    """``MANIFEST.json``: {file path relative to ``folder``: sha256 of its bytes}, written durably.
+    (Not ``data.write_manifest``, which hashes a dataset's records and image bytes, wherever they lie.)"""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    manifest = {str(p.relative_to(folder)): file_sha256(p) for p in files}
     _write_json_durably(folder / MANIFEST, manifest)
 
 
@@ -70,7 +65,7 @@ def verify(folder: Path) -> None:
         p = folder / rel
         if not p.is_file():
             raise RuntimeError(f"{folder}: file {rel} listed in {MANIFEST} is missing; the checkpoint is corrupt")
-        if sha256_file(p) != digest:
+        if file_sha256(p) != digest:
             raise RuntimeError(f"{folder}: {rel} does not match its sha256 in {MANIFEST}; the checkpoint is "
                                f"corrupt. Resume from an earlier checkpoint or delete this one")
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from PIL import Image
 
+from data.prompts import build_messages, load_image
 from rewards import RewardSample
 
 _REWARD_FIELDS = ("question", "answer", "options", "criteria", "modality")
 
 
 def _open(image, min_pixels=None, max_pixels=None):
+    """A PIL image converted to RGB as it is; a path decoded (``data.readers.read_image``) and
+    resized to the pixel limits by ``data.prompts.load_image``."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    from data.prompts import load_image
     kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     return load_image(image, **kw)
 
@@ -35,7 +37,6 @@ def default_prompt(item, min_pixels=None, max_pixels=None) -> tuple[list[dict], 
             raise KeyError(f"dataset item has no 'messages' field (keys: {sorted(item)}); give dict items "
                            f"'messages' and 'images', use data.VQARecord, or pass prompt_fn=")
         return item["messages"], [_open(i, min_pixels, max_pixels) for i in item.get("images", [])]
-    from data.prompts import build_messages
     return build_messages(item), [_open(p, min_pixels, max_pixels) for p in item.images]
 
 

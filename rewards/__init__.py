@@ -13,5 +13,14 @@ from rewards.runner import score_all
 __all__ = [
     "AccuracyReward", "AsyncReward", "FormatReward", "JudgeClient", "JudgeConfig", "JudgeError",
     "ProcessReward", "PromptTemplate", "Reward", "RewardError", "RewardSample", "Verdict",
-    "VerdictError", "default_template", "parse_verdict", "score_all",
+    "VerdictError", "default_template", "parse_verdict", "score_all", "start_local_judge",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use, not here: ``python -m rewards.judge.server`` imports this package
+    # first, and runpy warns when the module it is about to run is already in sys.modules.
+    if name == "start_local_judge":
+        from rewards.judge.server import start_local_judge
+        return start_local_judge
+    raise AttributeError(f"module 'rewards' has no attribute {name!r}")

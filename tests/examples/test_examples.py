@@ -1,0 +1,82 @@
+"""The examples a user copies: examples/grpo_minimal.py runs and logs what it promises, and both
+examples use only what the packages export at top level."""
+import ast
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+PACKAGES = ("grpo", "models", "rewards", "data")
+
+
+def test_grpo_minimal_trains_and_logs_the_custom_reward(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_VLM_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(EXAMPLES / "grpo_minimal.py"), "--out", str(tmp_path / "run"),
+                          "--steps", "3"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        for name in ("accuracy", "format", "concise"):
+            assert 0.0 <= row[f"reward/{name}/mean"] <= 1.0
+        assert row["loss"] is not None and math.isfinite(row["loss"])   # null in the log = not finite
+        assert math.isfinite(row["kl_mean"]) and row["skipped_step"] == 0.0
+    assert "step 3: loss" in run.stdout and "concise" in run.stdout
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+@pytest.mark.parametrize("script", ["grpo_minimal.py", "pathvlm_r1.py", "pathvlm_report.py"])
+def test_examples_import_only_the_public_api(script):
+    import importlib
+    for module, names in _imports(EXAMPLES / script):
+        top = module.split(".")[0]
+        if top not in PACKAGES:
+            continue
+        assert module == top, f"{script} imports the private module {module}"
+        package = importlib.import_module(top)
+        for name in names:
+            assert name in package.__all__, f"{script} imports {top}.{name}, which {top}.__all__ lacks"
+
+
+def test_profile_fields_are_the_configs_field_names():
+    """Every Profile field either is a GRPOConfig field, is sft_ + an SFTConfig field, or is one of
+    the pipeline's own; the configs are built from them, so each maps one to one."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import pathvlm_r1 as p
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from grpo import GRPOConfig, SFTConfig
+    grpo_names = {f.name for f in fields(GRPOConfig)}
+    sft_names = {f.name for f in fields(SFTConfig)}
+    own = {"sizes", "sft_epochs", "grpo_epochs", "eval_batch", "freeze_vision", "max_pixels", "min_pixels",
+           "ood_per_modality", "tiny_model"}
+    for f in fields(p.Profile):
+        assert (f.name in own or f.name in grpo_names
+                or (f.name.startswith("sft_") and f.name[4:] in sft_names)), f.name
+    for profile in (p.PAPER, p.TINY, p.QUICK):
+        grpo = p.config_fields(profile, GRPOConfig)
+        sft = p.config_fields(profile, SFTConfig, prefix="sft_")
+        assert grpo == {n: getattr(profile, n) for n in grpo_names if hasattr(profile, n)}
+        assert sft == {n[4:]: getattr(profile, n) for n in (f.name for f in fields(profile))
+                       if n.startswith("sft_") and n[4:] in sft_names}
+        GRPOConfig(**grpo)   # valid as they stand
+        SFTConfig(**sft)
+    assert p.config_fields(p.PAPER, GRPOConfig)["learning_rate"] == 1e-6
+    assert p.config_fields(p.PAPER, SFTConfig, prefix="sft_")["learning_rate"] == 1e-5
