@@ -1,9 +1,9 @@
 """ProcessReward: the paper's cross-modal process reward, scored by an LLM judge.
 
 The judge sees the question, the image(s), the full completion, the reference answer and the
-evaluation criteria, and returns *integrity* (are the expected reasoning steps there: image
-features analysed, wrong options eliminated, medical knowledge cited) and *knowledge* (no wrong
-definitions, contradictions or outdated criteria), each in 0..1. The reward is their mean.
+evaluation criteria, and returns *integrity* (are the required reasoning steps there) and
+*knowledge* (are its claims correct), scored as the PathVLM-R1 authors' judge does: each starts
+at 1 and loses 0.4 per missing step or per error, clipped to [0, 1]. The reward is their mean.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class ProcessReward(AsyncReward):
 
     Args:
         judge: a :class:`JudgeConfig` (a client is created) or a shared :class:`JudgeClient`.
-        template: the judge prompt; defaults to ``process-v1`` (rewards/judge/prompts/process_v1.txt).
+        template: the judge prompt; defaults to ``process-v2`` (rewards/judge/prompts/process_v2.txt).
 
     A judgment that fails after retries follows ``judge.config.on_failure``: ``None`` (abstain),
     ``0.0``, or :class:`JudgeError` is raised.

@@ -1,7 +1,8 @@
 """The LLM judge behind the process reward: an async client for any OpenAI-compatible server,
 its configuration, judgment cache, usage ledger and rate limiter, the versioned prompt, the
-verdict parser, and a local judge server (``python -m rewards.judge.server``) with its
-deterministic rubric. See docs/rewards.md."""
+verdict parser, a local judge server (``python -m rewards.judge.server``) with its
+deterministic rubric, and a reward-hacking audit for any judge (``python -m rewards.judge.audit``).
+See docs/rewards.md."""
 from rewards.judge.client import JudgeClient, JudgeError
 from rewards.judge.config import JudgeConfig
 from rewards.judge.parse import Verdict, VerdictError, parse_verdict

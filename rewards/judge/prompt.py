@@ -1,7 +1,8 @@
 """The versioned judge prompt and its delimited sections.
 
-The template (``rewards/judge/prompts/process_v1.txt``) holds the instructions; the renderer
-turns each field of a sample into a *section*::
+The template (``rewards/judge/prompts/process_v2.txt``, the default; ``process_v1.txt`` is kept
+for reproducing older runs) holds the instructions; the renderer turns each field of a sample
+into a *section*::
 
     <<<COMPLETION 3f9c0a1b2c4d5e6f>>>
     ...the policy's text...
@@ -65,8 +66,11 @@ class PromptTemplate:
 
 
 def default_template() -> PromptTemplate:
-    """The paper's cross-modal process prompt, version ``process-v1``."""
-    return PromptTemplate.from_file(PROMPT_DIR / "process_v1.txt")
+    """The paper's cross-modal process prompt with its scoring rule, version ``process-v2``:
+    integrity and knowledge start at 1, lose 0.4 per missing required step / per error, and are
+    clipped to 0..1 (``process-v1``, the older fraction-of-criteria wording, is
+    ``PromptTemplate.from_file(PROMPT_DIR / "process_v1.txt")``)."""
+    return PromptTemplate.from_file(PROMPT_DIR / "process_v2.txt")
 
 
 def section(name: str, body: str, nonce: str) -> str:
