@@ -15,7 +15,7 @@
 See docs/data.md.
 """
 from . import prompts, splits
-from .embedded import embedded_splits, load_embedded
+from .embedded import CAPTION_PROMPT, EMBEDDED_VERSION, caption_items, embedded_splits, load_embedded
 from .loaders import detect_layout, load_dataset
 from .prompts import SYSTEM_PROMPT, build_messages, build_sft_target
 from .readers import read_image
@@ -23,6 +23,6 @@ from .records import DataError, LoadReport, VQADataset, VQARecord, normalize_mod
 from .splits import split_records, write_manifest
 
 __all__ = ["VQARecord", "VQADataset", "LoadReport", "DataError", "load_dataset",
-           "detect_layout", "load_embedded", "embedded_splits", "normalize_modality", "prompts",
+           "detect_layout", "load_embedded", "embedded_splits", "caption_items", "CAPTION_PROMPT", "EMBEDDED_VERSION", "normalize_modality", "prompts",
            "splits", "SYSTEM_PROMPT", "build_messages", "build_sft_target", "read_image",
            "split_records", "write_manifest"]

@@ -70,15 +70,14 @@ def final_answer(record: VQARecord) -> str:
 def build_sft_target(record: VQARecord) -> str:
     """A ``<think>...</think><answer>...</answer>`` completion for the SFT stage.
 
-    The reasoning states the record's evaluation criteria in order, then concludes; so SFT
-    teaches exactly the facts the process reward later looks for.
+    The reasoning states the record's evaluation criteria in order, then concludes with the
+    answer; so SFT teaches exactly the facts the process reward later checks, and little else:
+    every token the model cannot copy from the prompt should depend on the image (a long target
+    of boilerplate lets the loss fall while the image-dependent tokens barely count).
     """
     facts = [c.strip().rstrip(".") for c in record.criteria if c.strip()]
     steps = " ".join(f"{fact[0].upper()}{fact[1:]}." for fact in facts)
-    if record.options:
-        conclusion = f"Therefore the answer is {record.answer_letter}: {record.answer}."
-    else:
-        conclusion = f"Therefore the answer is {record.answer}."
+    conclusion = f"So the answer is {record.answer_letter if record.options else record.answer}."
     think = f"{steps} {conclusion}".strip()
     return f"<think>{think}</think><answer>{final_answer(record)}</answer>"
 

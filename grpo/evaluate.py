@@ -1,13 +1,23 @@
-"""Evaluation: answers on a split, accuracy overall / per modality / per source, format compliance,
-reasoning length. Batched generation (greedy by default), sharded over ranks when distributed.
+"""Evaluation: answers on a split, accuracy overall / per modality / per source / per difficulty,
+format compliance, reasoning length, and the controls that say whether a number means anything.
+Batched generation (greedy by default), sharded over ranks when distributed.
 
-    result = evaluate(model, processor, records, batch_size=32, max_new_tokens=192)
+    result = evaluate(model, processor, records, batch_size=32, max_new_tokens=192, image_ablation=True)
     result.to_json("eval.json"); print(result.table())
+
+Controls, because a VLM can score well without looking at its images:
+
+* ``baselines``: chance accuracy (mean of 1 / number of options) and the best accuracy a model
+  answering one constant letter would get, overall and per difficulty; ``reference_letters`` and
+  ``answer_letters`` show how the correct and the predicted letters are distributed.
+* ``image_ablation=True``: the same model answers again with every image replaced by a uniform
+  grey image of the same size (``blank_prompt``); ``blank`` holds that result and
+  ``visual_reliance`` the accuracy with images minus without, overall and per difficulty.
 """
 from __future__ import annotations
 
 import json
-import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,13 +25,17 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
+from PIL import Image
+
 from models.adapter import QwenVLAdapter
 from rewards import AccuracyReward, FormatReward
+from rewards.accuracy import LETTERS, resolve_option
+from rewards.text import THINK_RE, last_answer
 
 from .rollout import sample
 from .samples import default_prompt, default_reward_sample
 
-_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+BLANK_GREY = (128, 128, 128)
 
 
 @dataclass
@@ -34,6 +48,9 @@ class Prediction:
     well_formatted: bool
     reasoning_tokens: int
     difficulty: str = "n/a"
+    chosen: str = ""        # option letter(s) the answer resolved to ("" = none; "A,B" = several)
+    reference: str = ""     # the correct option's letter ("" for open questions)
+    num_options: int = 0    # 0 for open questions
 
 
 @dataclass
@@ -46,6 +63,12 @@ class EvalResult:
     by_source: dict = field(default_factory=dict)     # source -> {"n", "accuracy"}
     by_difficulty: dict = field(default_factory=dict)  # extra["difficulty"] -> {"n", "accuracy"}
     predictions: list = field(default_factory=list)   # [Prediction as dict]
+    answer_letters: dict = field(default_factory=dict)     # predicted letter -> count ("none": unresolved)
+    reference_letters: dict = field(default_factory=dict)  # correct letter -> count
+    baselines: dict = field(default_factory=dict)  # {"chance", "constant_letter", "constant_letter_accuracy",
+                                                   #  "by_difficulty": {d: same keys}}
+    blank: dict | None = None            # the image-ablation control (an EvalResult as dict), if run
+    visual_reliance: dict | None = None  # {"overall": acc - blank acc, "by_difficulty": {d: ...}}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +87,13 @@ class EvalResult:
         lines += [f"| {name} | {n} | {100 * acc:.2f} % |" for name, n, acc in rows]
         lines.append(f"\nformat compliance {100 * self.format_rate:.1f} %, "
                      f"mean reasoning length {self.mean_reasoning_tokens:.1f} tokens")
+        if self.baselines:
+            b = self.baselines
+            lines.append(f"chance {100 * b['chance']:.2f} %, constant letter {b['constant_letter']} "
+                         f"{100 * b['constant_letter_accuracy']:.2f} %; answers by letter {self.answer_letters}")
+        if self.blank is not None:
+            lines.append(f"grey-image control {100 * self.blank['accuracy']:.2f} %, visual reliance "
+                         f"{100 * self.visual_reliance['overall']:+.2f} points")
         return "\n".join(lines)
 
 
@@ -76,16 +106,61 @@ def _group(preds: list[Prediction], key: str) -> dict:
     return {k: {"n": v["n"], "accuracy": v["correct"] / v["n"]} for k, v in out.items()}
 
 
+def letter_baselines(preds: list[Prediction]) -> dict:
+    """Chance accuracy (mean over items of 1 / number of options; open questions count 0) and the
+    accuracy of always answering the single most frequent correct letter."""
+    if not preds:
+        return {}
+    chance = sum(1 / p.num_options for p in preds if p.num_options) / len(preds)
+    counts = Counter(p.reference for p in preds if p.reference)
+    letter, hits = min(counts.items(), key=lambda kv: (-kv[1], kv[0])) if counts else ("", 0)
+    return {"chance": chance, "constant_letter": letter, "constant_letter_accuracy": hits / len(preds)}
+
+
 def summarize(preds: list[Prediction]) -> EvalResult:
     n = len(preds)
     if n == 0:
         raise ValueError("no predictions to summarize: the evaluation split is empty")
+    levels = sorted({p.difficulty for p in preds})
+    baselines = {**letter_baselines(preds),
+                 "by_difficulty": {d: letter_baselines([p for p in preds if p.difficulty == d]) for d in levels}}
     return EvalResult(n=n, accuracy=sum(p.correct for p in preds) / n,
                       format_rate=sum(p.well_formatted for p in preds) / n,
                       mean_reasoning_tokens=sum(p.reasoning_tokens for p in preds) / n,
                       by_modality=_group(preds, "modality"), by_source=_group(preds, "source"),
                       by_difficulty=_group(preds, "difficulty"),
-                      predictions=[asdict(p) for p in preds])
+                      predictions=[asdict(p) for p in preds],
+                      answer_letters=dict(sorted(Counter(p.chosen or "none" for p in preds if p.num_options).items())),
+                      reference_letters=dict(sorted(Counter(p.reference for p in preds if p.reference).items())),
+                      baselines=baselines)
+
+
+def visual_reliance(with_images: EvalResult, blank: EvalResult) -> dict:
+    """Accuracy with the images minus accuracy with uniform grey images, overall and per difficulty."""
+    return {"overall": with_images.accuracy - blank.accuracy,
+            "by_difficulty": {d: v["accuracy"] - blank.by_difficulty[d]["accuracy"]
+                              for d, v in with_images.by_difficulty.items() if d in blank.by_difficulty}}
+
+
+def blank_prompt(prompt_fn=default_prompt):
+    """A ``prompt_fn`` that gives the same messages as ``prompt_fn`` with every image replaced by a
+    uniform grey image of the same size (the image-ablation control)."""
+    def blanked(item):
+        messages, images = prompt_fn(item)
+        return messages, [Image.new("RGB", image.size, BLANK_GREY) for image in images]
+    return blanked
+
+
+def _letters(sample) -> tuple[str, str, int]:
+    """(chosen letter(s), reference letter, number of options) of one scored sample."""
+    options = list(sample.options or [])
+    if not options:
+        return "", "", 0
+    answer = last_answer(sample.completion)
+    chosen = ",".join(sorted(resolve_option(answer, options))) if answer is not None else ""
+    ref = LETTERS[options.index(sample.answer)] if sample.answer in options \
+        else ",".join(sorted(resolve_option(str(sample.answer), options)))
+    return chosen, ref, len(options)
 
 
 def _attr(item, name, default=""):
@@ -110,28 +185,40 @@ def predict(model, adapter: QwenVLAdapter, records, *, batch_size: int = 32, max
         texts = adapter.decode(comp.ids, comp.mask)
         for record, text in zip(chunk, texts):
             reward_sample = default_reward_sample(record, text)
-            think = _THINK.search(text)
+            think = THINK_RE.search(text)
+            chosen, reference, num_options = _letters(reward_sample)
             preds.append(Prediction(
                 id=str(_attr(record, "id")), modality=str(_attr(record, "modality", "unknown")),
                 source=str(_attr(record, "source", "unknown")), completion=text,
                 correct=accuracy.score(reward_sample) == 1.0, well_formatted=fmt.score(reward_sample) == 1.0,
                 reasoning_tokens=len(adapter.tokenizer(think.group(1))["input_ids"]) if think else 0,
-                difficulty=str((_attr(record, "extra", {}) or {}).get("difficulty", "n/a"))))
+                difficulty=str((_attr(record, "extra", {}) or {}).get("difficulty", "n/a")),
+                chosen=chosen, reference=reference, num_options=num_options))
     return preds
 
 
-def evaluate(model, processor, records, **kwargs) -> EvalResult:
-    """Evaluate ``model`` on ``records``. When torch.distributed is initialised each rank answers
-    a shard (records[rank::world]) and the results are gathered, so every rank returns the same."""
+def _predict_all(model, adapter, records, **kwargs) -> list[Prediction]:
+    """``predict`` on this rank's shard (records[rank::world]) and gather, when distributed."""
     import torch.distributed as dist
-    adapter = processor if isinstance(processor, QwenVLAdapter) else QwenVLAdapter(processor)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         rank, world = dist.get_rank(), dist.get_world_size()
         show = kwargs.pop("progress", True) and rank == 0
         mine = predict(model, adapter, list(records)[rank::world], progress=show, **kwargs)
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
-        preds = [p for part in gathered for p in part]
-    else:
-        preds = predict(model, adapter, list(records), **kwargs)
-    return summarize(preds)
+        return [p for part in gathered for p in part]
+    return predict(model, adapter, list(records), **kwargs)
+
+
+def evaluate(model, processor, records, image_ablation: bool = False, **kwargs) -> EvalResult:
+    """Evaluate ``model`` on ``records`` (keyword arguments: those of ``predict``). With
+    ``image_ablation`` the records are answered a second time with grey images (``blank`` and
+    ``visual_reliance`` of the result). When torch.distributed is initialised each rank answers a
+    shard and the results are gathered, so every rank returns the same."""
+    adapter = processor if isinstance(processor, QwenVLAdapter) else QwenVLAdapter(processor)
+    result = summarize(_predict_all(model, adapter, records, **kwargs))
+    if image_ablation:
+        blank_kwargs = {**kwargs, "prompt_fn": blank_prompt(kwargs.get("prompt_fn", default_prompt))}
+        blank = summarize(_predict_all(model, adapter, records, **blank_kwargs))
+        result.blank, result.visual_reliance = asdict(blank), visual_reliance(result, blank)
+    return result

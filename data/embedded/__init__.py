@@ -10,8 +10,8 @@
 See docs/data.md ("The embedded dataset").
 """
 from .assets import AssetMissingError
-from .builder import EMBEDDED_VERSION, cache_path, embedded_splits, load_embedded
+from .builder import CAPTION_PROMPT, EMBEDDED_VERSION, cache_path, caption_items, embedded_splits, load_embedded
 from .tiles import PathologyConfig
 
-__all__ = ["load_embedded", "embedded_splits", "cache_path", "EMBEDDED_VERSION",
+__all__ = ["load_embedded", "embedded_splits", "caption_items", "CAPTION_PROMPT", "cache_path", "EMBEDDED_VERSION",
            "PathologyConfig", "AssetMissingError"]

@@ -16,7 +16,7 @@ from ..records import LoadReport, VQADataset, VQARecord
 from ..splits import PAPER_SIZES, split_records
 from .assets import ASSETS, AssetMissingError, export_image, locate
 from .ood import OOD_MODALITIES, generate_ood_item
-from .tiles import GENERATOR_VERSION, PathologyConfig, generate_item
+from .tiles import GENERATOR_VERSION, PathologyConfig, generate_caption_item, generate_item
 
 log = logging.getLogger(__name__)
 EMBEDDED_VERSION = f"v1{GENERATOR_VERSION}"
@@ -162,3 +162,21 @@ def embedded_splits(seed: int = 42, sizes=None, cache_dir: str | None = None,
     for record in ood:
         by_modality[record.modality].append(VQARecord(**{**record.__dict__, "split": "ood"}))
     return {**splits, "ood": by_modality}
+
+
+CAPTION_PROMPT = "Describe the nuclei in this H&E tile."
+
+
+def caption_items(seed: int = 42, n: int = 2400, config: PathologyConfig = PathologyConfig()) -> list[dict]:
+    """``n`` image-caption pairs for pretraining a base model to see, as trainer items
+    (``{"messages", "images", "target"}``): a tile from the pretraining stream
+    (:func:`~data.embedded.tiles.generate_caption_item`, disjoint from every split's tiles) and a
+    plain description of it. No system prompt, no options, no ``<think>``/``<answer>`` format: what
+    a pretrained VLM knows before the paper's SFT stage, not the task itself."""
+    items = []
+    for index in range(n):
+        image, text, _ = generate_caption_item(seed, index, config)
+        items.append({"messages": [{"role": "user", "content": [{"type": "image"},
+                                                               {"type": "text", "text": CAPTION_PROMPT}]}],
+                      "images": [image], "target": text, "id": f"caption-{seed}-{index:05d}"})
+    return items

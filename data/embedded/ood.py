@@ -4,18 +4,19 @@ by construction, so questions, answers and criteria are exact. They are cartoons
 modality, labelled ``extra["synthetic"] = True``; real images, where a package ships one, come
 from :mod:`data.embedded.assets`.
 
-Half the items ask for the finding, half ask which modality produced the image.
+Every item asks for the modality's finding, so every answer needs the image: the finding is
+present in exactly every other item (odd indices) and the options keep their order, so the
+correct letters alternate A/B and a constant letter scores 50 %. (A "which modality is this?"
+question is not asked: within one modality's set its answer is constant, so it would measure the
+letter prior, not reading.) The criterion is a checkable claim, as for the tiles.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .questions import MODALITY_QUESTION, exclusions
-
 OOD_MODALITIES = ("ct", "dermoscopy", "fundus", "oct")
-MODALITY_OPTIONS = ["CT", "dermoscopy", "fundus photography", "OCT"]
-FINDINGS = {  # modality -> (question, [absent option, present option], fact if absent/present)
+FINDINGS = {  # modality -> (question, [absent option, present option], what each looks like)
     "ct": ("Is there a nodule in the lungs on this chest CT slice?",
            ["no lung nodule", "lung nodule present"],
            ("both lung fields are uniformly dark with no round opacity",
@@ -34,14 +35,20 @@ FINDINGS = {  # modality -> (question, [absent option, present option], fact if 
             ("the retinal layers are continuous with no dark cystic space",
              "dark oval cystic spaces (fluid) interrupt the retinal layers")),
 }
-MODALITY_FACTS = {
-    "ct": "a grey body cross-section with dark lungs and a bright spine indicates a CT slice",
-    "dermoscopy": "a magnified pigmented skin lesion on skin-coloured background indicates "
-                  "dermoscopy",
-    "fundus": "an orange-red circular retina with vessels and a bright optic disc indicates "
-              "fundus photography",
-    "oct": "horizontal layered bands in cross-section indicate an OCT B-scan",
+CLAIMS = {  # modality -> (subject, value if absent, value if present)
+    "ct": ("a lung nodule", "absent", "present"),
+    "dermoscopy": ("the lesion", "symmetric", "asymmetric"),
+    "fundus": ("microaneurysms", "absent", "present"),
+    "oct": ("intraretinal fluid", "absent", "present"),
 }
+
+
+def finding_claim(modality: str, present: bool) -> str:
+    """The checkable criterion, e.g. ``"a lung nodule is present, not absent"``."""
+    subject, absent, shown = CLAIMS[modality]
+    verb = "are" if subject.endswith("s") else "is"
+    value, other = (shown, absent) if present else (absent, shown)
+    return f"{subject} {verb} {value}, not {other}"
 
 
 def _noise(rng, size, sigma):
@@ -137,18 +144,9 @@ def generate_ood_item(modality: str, seed: int, index: int, size: int = 112):
     if modality not in RENDERERS:
         raise ValueError(f"unknown OOD modality {modality!r}; choose from {OOD_MODALITIES}")
     rng = np.random.default_rng([seed, OOD_MODALITIES.index(modality), index, 2])
-    present = bool(rng.integers(0, 2))
-    task = "finding" if rng.random() < 0.5 else "modality"
+    present = index % 2 == 1
     image = RENDERERS[modality](rng, present, size)
-    question, options, facts = FINDINGS[modality]
-    finding_fact = facts[int(present)]
-    if task == "finding":
-        answer = options[int(present)]
-        criteria = [finding_fact, *exclusions(options, answer, lambda _: finding_fact)]
-    else:
-        question, options = MODALITY_QUESTION, MODALITY_OPTIONS
-        answer = MODALITY_OPTIONS[OOD_MODALITIES.index(modality)]
-        criteria = [MODALITY_FACTS[modality]]
-    item = {"question": question, "options": list(options), "answer": answer,
-            "criteria": criteria}
-    return image, item, {"finding_present": present, "task": task}
+    question, options, looks = FINDINGS[modality]
+    item = {"question": question, "options": list(options), "answer": options[int(present)],
+            "criteria": [finding_claim(modality, present)]}
+    return image, item, {"finding_present": present, "task": "finding", "appearance": looks[int(present)]}

@@ -1,9 +1,9 @@
 """Procedural H&E-like pathology tiles whose features are known by construction, with graded
 multiple-choice questions, reference answers and evaluation criteria derived from that truth.
 
-Each tile has five independent, uniformly drawn attributes: nuclear size (small/large),
-cellularity (low/high nuclear density), staining (pale/dark), pleomorphism (mild/marked: variable
-size and irregular shape) and mitoses (absent/present). Its question is drawn by difficulty:
+Each tile has five attributes: nuclear size (small/large), cellularity (low/high density of
+cells), staining (pale/dark), pleomorphism (mild/marked: variable size and irregular shape) and
+mitoses (absent/present). Its question is drawn by difficulty:
 
 * easy (2 options): size, staining, or cellularity alone;
 * medium (4 options): size x cellularity, or size x staining;
@@ -11,9 +11,19 @@ size and irregular shape) and mitoses (absent/present). Its question is drawn by
   grade that scores one point each for large nuclei, marked pleomorphism and mitoses (loosely
   after the Nottingham idea of summing nuclear and mitotic scores; not a clinical grade).
 
-Option order is fixed per question family so a tiny model can learn letter = visual class;
-answers are balanced because attributes are uniform. Measured on a 1.1M-parameter Qwen2.5-VL from
-random init (see docs/data.md): size 100% after 100 SFT steps, 4-way size x count 97% after ~700.
+Option order is fixed per question family so a tiny model can learn letter = visual class, and
+the correct option is uniform over the options of every family by construction (attributes are
+drawn uniformly; for the grade, the grade is drawn first and the attributes to match it), so a
+constant letter scores chance and no better.
+
+Every cell has a cytoplasm of fixed size around its nucleus, so cellularity shows as how much of
+the tile is cells rather than pink stroma, whatever the nuclear size: with nuclei alone, few large
+nuclei cover as many pixels as many small ones, and cellularity could only be read by counting.
+
+Criteria are *checkable claims* ``"<subject> is <value>, not <alternative>"`` (one per attribute
+the question depends on), which a judge can hold against the reasoning: asserting the
+alternative is an error (:mod:`rewards.judge.rubric`). ``caption`` describes a tile in the same
+phrases, without options or answer format, for pretraining a base model to see.
 """
 from __future__ import annotations
 
@@ -22,9 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .questions import exclusions
 
-GENERATOR_VERSION = "p2"
+GENERATOR_VERSION = "p3"
 
 
 @dataclass(frozen=True)
@@ -32,12 +41,14 @@ class PathologyConfig:
     """Rendering and question-mix settings (pixels for a ``image_size`` square tile)."""
 
     image_size: int = 112  # multiple of 28 (Qwen2.5-VL patch 14 x merge 2)
-    small_radius: tuple[float, float] = (2.2, 3.0)
-    large_radius: tuple[float, float] = (4.6, 5.8)
-    low_count: tuple[int, int] = (8, 14)
-    high_count: tuple[int, int] = (30, 42)
-    pale_rgb: tuple[int, int, int] = (150, 118, 196)
-    dark_rgb: tuple[int, int, int] = (58, 26, 104)
+    small_radius: tuple[float, float] = (2.0, 2.8)
+    large_radius: tuple[float, float] = (5.2, 6.6)
+    low_count: tuple[int, int] = (6, 10)
+    high_count: tuple[int, int] = (36, 48)
+    cell_radius: float = 6.5  # cytoplasm around each nucleus, the same for small and large nuclei
+    pale_rgb: tuple[int, int, int] = (170, 140, 210)
+    dark_rgb: tuple[int, int, int] = (50, 20, 95)
+    cytoplasm_rgb: tuple[int, int, int] = (196, 128, 190)
     mitosis_rgb: tuple[int, int, int] = (25, 8, 40)
     stroma_rgb: tuple[int, int, int] = (238, 176, 206)
     difficulty_mix: tuple[tuple[str, float], ...] = (("easy", 0.4), ("medium", 0.35),
@@ -70,9 +81,27 @@ QUESTIONS = {
 }
 
 
-def sample_truth(rng: np.random.Generator, config: PathologyConfig) -> dict:
-    """Draw the tile's attributes (uniform and independent) and its concrete numbers."""
+GRADED = ("size", "pleomorphism", "mitosis")  # one grade point each for large / marked / present
+CLAIMS = {  # attribute -> (subject of the claim, value -> phrase); "mitotic figures" takes "are"
+    "size": ("nuclear size", {"small": "small", "large": "large"}),
+    "density": ("cellularity", {"low": "low", "high": "high"}),
+    "stain": ("nuclear staining", {"pale": "pale (vesicular)", "dark": "dark (hyperchromatic)"}),
+    "pleomorphism": ("pleomorphism", {"mild": "mild", "marked": "marked"}),
+    "mitosis": ("mitotic figures", {"absent": "absent", "present": "present"}),
+}
+
+
+def sample_truth(rng: np.random.Generator, config: PathologyConfig, family: str | None = None) -> dict:
+    """Draw the tile's attributes and its concrete numbers. Attributes are uniform and
+    independent, except for a ``"grade"`` question, whose grade is drawn uniformly first and
+    the graded attributes then drawn uniformly among those that give it."""
     truth = {name: str(rng.choice(values)) for name, values in VALUES.items()}
+    if family == "grade":
+        grade = int(rng.integers(0, len(GRADES)))               # 0 low (0-1 points), 1 two, 2 three
+        points = int(rng.integers(0, 2)) if grade == 0 else grade + 1
+        raised = set(rng.permutation(len(GRADED))[:points].tolist())
+        for i, name in enumerate(GRADED):
+            truth[name] = VALUES[name][1 if i in raised else 0]
     low, high = config.low_count if truth["density"] == "low" else config.high_count
     truth["n_nuclei"] = int(rng.integers(low, high + 1))
     truth["n_mitoses"] = int(rng.integers(1, 4)) if truth["mitosis"] == "present" else 0
@@ -142,16 +171,19 @@ def render_tile(truth: dict, rng: np.random.Generator, config: PathologyConfig) 
     r_low, r_high = config.small_radius if truth["size"] == "small" else config.large_radius
     marked = truth["pleomorphism"] == "marked"
     rgb = np.array(config.dark_rgb if truth["stain"] == "dark" else config.pale_rgb, np.float32)
+    centres = rng.uniform(2, size - 2, (truth["n_nuclei"], 2))
+    for cy, cx in centres:  # cytoplasm first, nuclei on top
+        _blob(image, cy, cx, config.cell_radius * rng.uniform(0.9, 1.1), rng.uniform(0.8, 1.0),
+              rng.uniform(0, np.pi), 0.0, config.cytoplasm_rgb, rng)
     radii = []
-    for _ in range(truth["n_nuclei"]):
+    for cy, cx in centres:
         radius = rng.uniform(r_low, r_high)
         if marked:  # variable size, elongated, wavy outline
             radius *= float(np.clip(rng.lognormal(0, 0.3), 0.6, 1.6))
         ratio = rng.uniform(0.45, 0.9) if marked else rng.uniform(0.8, 1.0)
         wobble = rng.uniform(0.12, 0.25) if marked else 0.0
         shade = rgb * rng.uniform(0.92, 1.08)
-        _blob(image, rng.uniform(2, size - 2), rng.uniform(2, size - 2), radius, ratio,
-              rng.uniform(0, np.pi), wobble, shade, rng)
+        _blob(image, cy, cx, radius, ratio, rng.uniform(0, np.pi), wobble, shade, rng)
         radii.append(radius * np.sqrt(ratio))  # radius of the circle of equal area
     for _ in range(truth["n_mitoses"]):
         _mitosis(image, rng.uniform(8, size - 8), rng.uniform(8, size - 8),
@@ -163,21 +195,17 @@ def render_tile(truth: dict, rng: np.random.Generator, config: PathologyConfig) 
 
 # --- questions -------------------------------------------------------------------------------
 
-def _fact(attribute: str, truth: dict) -> str:
-    """A short factual phrase with the key words a rubric judge can match."""
-    value = truth[attribute]
-    return {
-        "size": f"the nuclei are {value} (mean diameter about "
-                f"{2 * truth.get('mean_radius_px', 0):.0f} px)",
-        "density": f"cellularity is {value} (about {truth['n_nuclei']} nuclei in the tile)",
-        "stain": f"the nuclei are {'darkly' if value == 'dark' else 'palely'} stained "
-                 f"({'hyperchromatic' if value == 'dark' else 'vesicular'})",
-        "pleomorphism": (f"pleomorphism is {value}: nuclei are "
-                         + ("variable in size and irregular in shape" if value == "marked"
-                            else "uniform, round and regular")),
-        "mitosis": ("mitotic figures are present (" + str(truth["n_mitoses"]) + " seen)"
-                    if value == "present" else "no mitotic figures are seen"),
-    }[attribute]
+def claim(attribute: str, value: str) -> str:
+    """The checkable criterion ``"<subject> is <value>, not <other value>"``."""
+    subject, phrases = CLAIMS[attribute]
+    verb = "are" if subject.endswith("figures") else "is"
+    others = " or ".join(p for v, p in phrases.items() if v != value)
+    return f"{subject} {verb} {phrases[value]}, not {others}"
+
+
+def caption(truth: dict) -> str:
+    """What the tile shows, every attribute in the criteria's phrases (no options, no format)."""
+    return ". ".join(claim(a, truth[a]).split(", not ")[0] for a in CLAIMS) + "."
 
 
 def _options_and_answer(family: str, truth: dict) -> tuple[list[str], str, tuple[str, ...]]:
@@ -186,7 +214,7 @@ def _options_and_answer(family: str, truth: dict) -> tuple[list[str], str, tuple
         return list(WORDS[family].values()), WORDS[family][truth[family]], (family,)
     if family == "grade":
         grade = GRADES[max(truth["grade_points"] - 1, 0)]
-        return list(GRADES), grade, ("size", "pleomorphism", "mitosis")
+        return list(GRADES), grade, GRADED
     first, second = family.split("_")
     options = [f"{WORDS[first][a]}, {WORDS[second][b]}"
                for a in VALUES[first] for b in VALUES[second]]
@@ -194,23 +222,20 @@ def _options_and_answer(family: str, truth: dict) -> tuple[list[str], str, tuple
                                                                                        second)
 
 
-def _criteria(family: str, truth: dict, options: list[str], answer: str, attrs) -> list[str]:
-    facts = [_fact(a, truth) for a in attrs]
+def _criteria(family: str, truth: dict, answer: str, attrs) -> list[str]:
+    """One checkable claim per attribute the answer depends on (and the grade it gives)."""
+    facts = [claim(a, truth[a]) for a in attrs]
     if family == "grade":
-        facts.append(f"the score is {truth['grade_points']} of 3 points, so the tile is {answer}")
-
-    def why(option: str) -> str:
-        if family == "grade":
-            return f"the score is {truth['grade_points']}"
-        wrong = [a for a in attrs if WORDS[a][truth[a]] not in option]  # attrs ruling it out
-        return " and ".join(_fact(a, truth) for a in wrong)
-    return facts + exclusions(options, answer, why)
+        level = answer.split()[0]
+        others = " or ".join(g.split()[0] for g in GRADES if g != answer)
+        facts.append(f"the grade is {level}, not {others}")
+    return facts
 
 
 def make_question(family: str, truth: dict) -> dict:
     options, answer, attrs = _options_and_answer(family, truth)
     return {"question": QUESTIONS[family], "options": options, "answer": answer,
-            "criteria": _criteria(family, truth, options, answer, attrs)}
+            "criteria": _criteria(family, truth, answer, attrs)}
 
 
 def pick_family(rng: np.random.Generator, config: PathologyConfig) -> tuple[str, str]:
@@ -227,8 +252,18 @@ def generate_item(seed: int, index: int, config: PathologyConfig = PathologyConf
     whatever total is generated, and any item can be regenerated on its own.
     """
     rng = np.random.default_rng([seed, index, 1])
-    truth = sample_truth(rng, config)
     difficulty, family = pick_family(rng, config)
+    truth = sample_truth(rng, config, family)
     image = render_tile(truth, rng, config)
     question = make_question(family, truth)
     return image, question, truth, {"difficulty": difficulty, "task": family}
+
+
+def generate_caption_item(seed: int, index: int, config: PathologyConfig = PathologyConfig()):
+    """Tile ``index`` of the *pretraining* stream for ``seed``: (PIL image, caption, truth). Its
+    generator is seeded by (seed, index, 3), a stream disjoint from ``generate_item``'s, so no
+    pretraining tile is an SFT, RL or test tile."""
+    rng = np.random.default_rng([seed, index, 3])
+    truth = sample_truth(rng, config)
+    image = render_tile(truth, rng, config)
+    return image, caption(truth), truth

@@ -27,10 +27,10 @@ def test_messages_follow_qwen_chat_format():
 
 def test_sft_target_multiple_choice_and_open():
     assert build_sft_target(_mc()) == (
-        "<think>The nuclei are large. Option A (small nuclei) is excluded. Therefore the answer "
-        "is B: large nuclei.</think><answer>B</answer>")
+        "<think>The nuclei are large. Option A (small nuclei) is excluded. So the answer "
+        "is B.</think><answer>B</answer>")
     open_q = VQARecord(id="2", images=["/x"], question="Organ?", answer="liver")
-    assert build_sft_target(open_q) == ("<think>Therefore the answer is liver.</think>"
+    assert build_sft_target(open_q) == ("<think>So the answer is liver.</think>"
                                         "<answer>liver</answer>")
     assert "a short phrase" in build_messages(open_q)[1]["content"][1]["text"]
 

@@ -1,7 +1,7 @@
 """Evaluation: the summary arithmetic by hand, and a real batched run on the tiny model."""
 import pytest
 
-from grpo.evaluate import EvalResult, Prediction, evaluate, summarize
+from grpo.evaluate import EvalResult, Prediction, blank_prompt, evaluate, letter_baselines, summarize, visual_reliance
 
 
 def _p(i, modality, correct, fmt, tokens, difficulty="easy", source="s1"):
@@ -39,3 +39,67 @@ def test_evaluate_runs_batched_greedy_on_the_tiny_model(tiny_ckpt, tiny_processo
     assert [p["completion"] for p in first.predictions] == [p["completion"] for p in again.predictions]
     # a random model neither answers correctly nor follows the format
     assert first.accuracy == 0.0 and first.format_rate == 0.0
+
+
+def _mc(i, reference, chosen, num_options, difficulty="easy"):
+    return Prediction(id=str(i), modality="pathology", source="s", completion="", correct=chosen == reference,
+                      well_formatted=True, reasoning_tokens=1, difficulty=difficulty, chosen=chosen,
+                      reference=reference, num_options=num_options)
+
+
+def test_letter_baselines_and_distributions_by_hand():
+    # correct letters: A, A, B (2-option, easy) and C, A (4-option, medium); predictions all "A" but one
+    preds = [_mc(0, "A", "A", 2), _mc(1, "A", "A", 2), _mc(2, "B", "A", 2),
+             _mc(3, "C", "", 4, "medium"), _mc(4, "A", "A", 4, "medium")]
+    r = summarize(preds)
+    # chance = (1/2 + 1/2 + 1/2 + 1/4 + 1/4) / 5 = 2.0 / 5
+    assert r.baselines["chance"] == pytest.approx(0.4)
+    # always "A" is right on items 0, 1, 4
+    assert (r.baselines["constant_letter"], r.baselines["constant_letter_accuracy"]) == ("A", pytest.approx(0.6))
+    assert r.baselines["by_difficulty"]["medium"] == {"chance": 0.25, "constant_letter": "A",
+                                                      "constant_letter_accuracy": 0.5}
+    assert r.answer_letters == {"A": 4, "none": 1}
+    assert r.reference_letters == {"A": 3, "B": 1, "C": 1}
+    assert r.accuracy == pytest.approx(0.6)  # the constant-letter model's score: no evidence of reading
+    # a tie between letters is broken alphabetically, so the baseline is deterministic
+    assert letter_baselines([_mc(0, "B", "B", 2), _mc(1, "A", "A", 2)])["constant_letter"] == "A"
+
+
+def test_visual_reliance_is_accuracy_minus_blank_by_hand():
+    seen = summarize([_mc(0, "A", "A", 2), _mc(1, "B", "B", 2), _mc(2, "C", "C", 4, "medium"),
+                      _mc(3, "D", "A", 4, "medium")])
+    blank = summarize([_mc(0, "A", "A", 2), _mc(1, "B", "A", 2), _mc(2, "C", "A", 4, "medium"),
+                       _mc(3, "D", "A", 4, "medium")])
+    vr = visual_reliance(seen, blank)
+    assert vr["overall"] == pytest.approx(0.75 - 0.25)
+    assert vr["by_difficulty"] == {"easy": pytest.approx(0.5), "medium": pytest.approx(0.5)}
+
+
+def test_blank_prompt_replaces_every_image_by_uniform_grey_of_the_same_size():
+    from PIL import Image
+    imgs = [Image.new("RGB", (56, 84), (200, 10, 10)), Image.new("RGB", (112, 28), (0, 255, 0))]
+    item = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Q?"}]}], "images": imgs}
+    messages, blanked = blank_prompt()(item)
+    assert messages == item["messages"]
+    assert [b.size for b in blanked] == [(56, 84), (112, 28)]
+    for b in blanked:
+        assert set(b.getdata()) == {(128, 128, 128)}
+    assert imgs[0].getpixel((0, 0)) == (200, 10, 10)  # the originals are untouched
+
+
+def test_evaluate_with_image_ablation_records_the_grey_control(tiny_ckpt, tiny_processor):
+    from helpers import noise_image
+    from models import ModelConfig, load_policy
+    model = load_policy(ModelConfig(str(tiny_ckpt))).eval()
+    records = [{"id": f"r{i}", "question": "Q?", "answer": "y", "options": ["x", "y"], "modality": "ct",
+                "images": [noise_image(i)],
+                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]}
+               for i in range(3)]
+    r = evaluate(model, tiny_processor, records, batch_size=3, max_new_tokens=4, progress=False,
+                 image_ablation=True)
+    assert r.blank is not None and r.blank["n"] == 3
+    assert r.visual_reliance["overall"] == pytest.approx(r.accuracy - r.blank["accuracy"])
+    assert r.reference_letters == {"B": 3} and r.baselines["constant_letter_accuracy"] == 1.0
+    assert r.baselines["chance"] == pytest.approx(0.5)
+    plain = evaluate(model, tiny_processor, records, batch_size=3, max_new_tokens=4, progress=False)
+    assert plain.blank is None and plain.visual_reliance is None
