@@ -27,8 +27,10 @@ interrupted one resumes from its last checkpoint. ``--stages alpha,beta`` runs a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -43,7 +45,8 @@ import data  # noqa: E402
 from grpo import (EvalResult, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, default_device,  # noqa: E402
                   evaluate, init_distributed)
 from models import ModelConfig, TinySpec, default_corpus, ensure_tiny_checkpoint, load_policy, load_processor  # noqa: E402
-from rewards import AccuracyReward, FormatReward, JudgeConfig, ProcessReward, start_local_judge  # noqa: E402
+from rewards import (AccuracyReward, FormatReward, JudgeConfig, ProcessReward, RewardSample,  # noqa: E402
+                     start_local_judge)
 
 from pathvlm_report import write_report, write_seed_summary  # noqa: E402  (examples/, next to this file)
 
@@ -60,6 +63,10 @@ class Profile:
     Fields named like a GRPOConfig field are that field; ``sft_<name>`` is SFTConfig's ``<name>``
     (``config_fields`` builds the configs from them). The rest belong to the pipeline."""
     sizes: tuple[int, int, int] = (3000, 1000, 1385)   # SFT / RL / test records
+    # --- pretraining of the tiny base to see (SFTConfig, on captions); 0 steps = none ---
+    pretrain_steps: int = 0               # the paper starts from pretrained Qwen2.5-VL: nothing to do
+    pretrain_learning_rate: float = 5e-4
+    pretrain_items: int = 2400            # captioned tiles from a stream no split draws from
     # --- SFT stages (SFTConfig) ---
     sft_learning_rate: float = 1e-5
     sft_lr_scheduler: str = "cosine"
@@ -79,9 +86,11 @@ class Profile:
     # --- model, evaluation, data ---
     eval_batch: int = 16
     freeze_vision: bool = True            # paper
+    grpo_freeze_vision: bool | None = None  # GRPO stages; None: as freeze_vision
     max_pixels: int = 65536               # paper
     min_pixels: int = 3136                # paper
     ood_per_modality: int | None = None   # None: everything the OOD source holds
+    validation_fraction: float = 0.1      # --validate: the tail of the SFT and RL splits held out
     tiny_model: tuple[tuple[str, int], ...] = ()  # TinySpec overrides when no --model is given
 
 
@@ -93,16 +102,24 @@ def config_fields(profile: Profile, config_cls, prefix: str = "") -> dict:
 
 
 PAPER = Profile()
-TINY = Profile(sft_learning_rate=2e-3, sft_batch_size=16, sft_micro_batch_size=16, sft_max_target_length=160,
-               learning_rate=2e-4, grpo_epochs=0.75, prompts_per_step=8, micro_batch_size=32,
-               max_completion_length=160, eval_batch=64, freeze_vision=False, ood_per_modality=100,
+# The CPU default, chosen with --validate on seed 42 (docs/quickstart.md has the measurements):
+# - a caption-pretrained base (300 steps at 5e-4), so SFT starts from a model that sees;
+# - SFT at 5e-4 (at 1e-3 and above the vision tower collapses to one output for every image);
+# - targets of ~20 tokens that state what the image shows (data.build_sft_target);
+# - GRPO with the vision tower frozen, as in the paper: trained by GRPO's noisy gradient at this
+#   batch size, the tower lost what SFT taught it (greedy accuracy fell 4-7 points at lr 3e-5-1e-4).
+TINY = Profile(pretrain_steps=300, pretrain_learning_rate=5e-4, pretrain_items=2400,
+               sft_learning_rate=5e-4, sft_batch_size=16, sft_micro_batch_size=16, sft_max_target_length=64,
+               learning_rate=1e-4, grpo_epochs=0.75, prompts_per_step=8, micro_batch_size=32,
+               max_completion_length=64, eval_batch=64, freeze_vision=False, grpo_freeze_vision=True,
+               ood_per_modality=100,
                # vision 128 / text 256 wide (2.6M parameters): the 0.85M-parameter default plateaus at
                # chance on the nuclei-size questions for 500+ SFT steps; this one learns them
-               # (docs/quickstart.md)
                tiny_model=(("vision_hidden", 128), ("vision_intermediate", 256), ("text_hidden", 256),
                            ("text_intermediate", 512)))
-QUICK = replace(TINY, sizes=(48, 16, 24), sft_epochs=2.0, grpo_epochs=1.0, prompts_per_step=4, micro_batch_size=16,
-                max_completion_length=48, sft_max_target_length=48, ood_per_modality=4, tiny_model=())
+QUICK = replace(TINY, sizes=(48, 16, 24), pretrain_steps=3, pretrain_items=24, sft_epochs=2.0, grpo_epochs=1.0,
+                prompts_per_step=4, micro_batch_size=16, max_completion_length=48, sft_max_target_length=48,
+                ood_per_modality=4, tiny_model=())
 
 
 def is_main() -> bool:
@@ -123,7 +140,10 @@ def load_splits(args, profile: Profile, out: Path) -> dict:
         log(records.report.summary())
         parts = data.split_records(records, dict(zip(("sft", "rl", "test"), profile.sizes)), args.seed)
     else:
-        parts = data.embedded_splits(seed=args.seed, sizes=profile.sizes, ood_n=profile.ood_per_modality)
+        # OOD: the procedural sets only. The package images' questions (which modality? which eye?)
+        # have one answer per set or need outside knowledge, so they would measure a letter prior.
+        parts = data.embedded_splits(seed=args.seed, sizes=profile.sizes, ood_n=profile.ood_per_modality,
+                                     include_real=False)
         parts = {k: parts[k] for k in ("sft", "rl", "test")} | {"ood": parts["ood"]}
     for name in ("sft", "rl", "test"):
         if not parts[name]:
@@ -137,6 +157,11 @@ def load_splits(args, profile: Profile, out: Path) -> dict:
         parts["ood"] = {}
     if profile.ood_per_modality:
         parts["ood"] = {m: list(v)[:profile.ood_per_modality] for m, v in parts["ood"].items()}
+    if args.validate:  # tune here, never on the test split: the tails of SFT and RL stand in for it
+        cut = {k: max(1, round(profile.validation_fraction * len(parts[k]))) for k in ("sft", "rl")}
+        parts["test"] = list(parts["sft"])[-cut["sft"]:] + list(parts["rl"])[-cut["rl"]:]
+        parts["sft"], parts["rl"] = list(parts["sft"])[:-cut["sft"]], list(parts["rl"])[:-cut["rl"]]
+        log(f"--validate: evaluating on the last {cut['sft']} SFT and {cut['rl']} RL records, trained on the rest")
     if is_main():
         data.write_manifest({k: v for k, v in parts.items() if k != "ood"}
                             | {f"ood-{m}": v for m, v in parts["ood"].items()}, out / "data_manifest.json")
@@ -146,17 +171,58 @@ def load_splits(args, profile: Profile, out: Path) -> dict:
 
 
 def base_model(args, parts: dict, out: Path, profile: Profile) -> Path:
-    """The starting checkpoint: --model, or a tiny Qwen2.5-VL built here whose BPE is trained on
-    the SFT split's prompts and targets."""
+    """The starting checkpoint: --model, or a tiny Qwen2.5-VL built here (its BPE trained on the
+    SFT split's prompts and targets) and, with ``profile.pretrain_steps``, taught to see first.
+
+    The paper starts from Qwen2.5-VL-7B-Instruct, a model pretrained on image-text pairs; a randomly
+    initialised tiny model is not comparable. So the tiny base gets a short vision-language
+    pretraining: captions (plain descriptions of each tile's nuclei, no options, no answer format)
+    of tiles from a generator stream that no split draws from. It is built once per seed and
+    setting, cached under ``$GRPO_VLM_CACHE/base/`` like the embedded data, and its build time is
+    recorded in ``<out>/base.json``."""
     if args.model:
         return Path(args.model)
-    texts = [data.SYSTEM_PROMPT] + [data.build_messages(r)[1]["content"][-1]["text"] + " "
-                                    + data.build_sft_target(r) for r in parts["sft"]]
     spec = TinySpec(seed=args.seed, **dict(profile.tiny_model))
-    if is_main():  # one rank builds, the others wait and read it
-        ensure_tiny_checkpoint(out / "models" / "base", spec, corpus=default_corpus() + texts)
+    setting = {"spec": asdict(spec), "data": data.EMBEDDED_VERSION, "steps": profile.pretrain_steps,
+               "lr": profile.pretrain_learning_rate, "items": profile.pretrain_items,
+               "sizes": profile.sizes, "batch": profile.sft_batch_size}
+    key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_root() / "base" / f"{key}-seed{args.seed}"
+    if is_main() and not (folder / "BASE.json").is_file():  # one rank builds, the others wait
+        t0 = time.time()
+        texts = [data.SYSTEM_PROMPT, data.CAPTION_PROMPT] + [
+            data.build_messages(r)[1]["content"][-1]["text"] + " " + data.build_sft_target(r) for r in parts["sft"]]
+        captions = data.caption_items(args.seed, profile.pretrain_items) if profile.pretrain_steps else []
+        tmp = folder.with_name(folder.name + ".tmp")
+        ensure_tiny_checkpoint(tmp / "init", spec, corpus=default_corpus() + texts + [c["target"] for c in captions])
+        if profile.pretrain_steps:
+            log(f"base: caption pretraining, {profile.pretrain_steps} steps on {len(captions)} tiles")
+            pretrain_profile = replace(profile, sft_learning_rate=profile.pretrain_learning_rate, freeze_vision=False)
+            model, processor = load(tmp / "init", pretrain_profile, args)
+            cfg = SFTConfig(**config_fields(pretrain_profile, SFTConfig, prefix="sft_"), max_steps=profile.pretrain_steps,
+                            warmup_steps=max(1, profile.pretrain_steps // 20),
+                            **run_fields("pretrain", args, tmp) | {"save_steps": 0})
+            trainer = SFTTrainer(model, cfg, train_dataset=captions, processor=processor)
+            trainer.train()
+            trainer.save_model(tmp / "model")
+        else:
+            (tmp / "init").rename(tmp / "model")
+        (tmp / "model" / "BASE.json").write_text(json.dumps({**setting, "seconds": round(time.time() - t0, 1)}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        (tmp / "model").rename(folder)
+        shutil.rmtree(tmp)
     barrier()
-    return out / "models" / "base"
+    info = json.loads((folder / "BASE.json").read_text())
+    if is_main():
+        (out / "base.json").write_text(json.dumps({**info, "path": str(folder)}, indent=1))
+    log(f"base: {folder} (built in {info['seconds']} s{'' if profile.pretrain_steps else ', no pretraining'})")
+    return folder
+
+
+def cache_root() -> Path:
+    """``$GRPO_VLM_CACHE`` or ``~/.cache/grpo-vlm`` (as the embedded dataset)."""
+    return Path(os.environ.get("GRPO_VLM_CACHE") or Path.home() / ".cache" / "grpo-vlm")
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -192,6 +258,8 @@ def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) ->
 
 
 def grpo_stage(name, parent: Path, records, rewards, profile: Profile, args, out: Path) -> dict:
+    if profile.grpo_freeze_vision is not None:
+        profile = replace(profile, freeze_vision=profile.grpo_freeze_vision)
     model, processor = load(parent, profile, args)
     steps = max(1, round(profile.grpo_epochs * len(records) / profile.prompts_per_step / world_size()))
     cfg = GRPOConfig(**config_fields(profile, GRPOConfig), max_steps=steps, log_completions=2,
@@ -239,15 +307,42 @@ def evaluate_variant(variant: str, path: Path, parts: dict, profile: Profile, ou
     model = load_policy(model_config(path, profile)).to(default_device()).eval()
     results = {}
     for split, records in [("test", parts["test"])] + sorted(parts["ood"].items()):
-        if records:
+        if records:  # the grey-image control on the test split: how much of the score needs the image
             results[split] = evaluate(model, processor, records, batch_size=profile.eval_batch,
-                                      max_new_tokens=profile.max_completion_length, progress=False)
+                                      max_new_tokens=profile.max_completion_length, progress=False,
+                                      image_ablation=split == "test")
     if is_main():
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({k: asdict(v) for k, v in results.items()}))
     barrier()
     log(f"eval {variant}: " + ", ".join(f"{k} {100 * v.accuracy:.2f} %" for k, v in results.items()))
     return results
+
+
+def judge_predictions(variant: str, result: EvalResult, records, judge: JudgeConfig, out: Path) -> dict:
+    """The process reward of a variant's test completions: the judge that scored R1's training
+    chains now scores every variant's answers, so a rise of the process reward can be checked
+    against accuracy on the same items. Cached as <out>/eval/<variant>.process.json."""
+    cache = out / "eval" / f"{variant}.process.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    by_id = {r.id: r for r in records}
+    preds = [p for p in result.predictions if p["id"] in by_id]
+    samples = [RewardSample(question=by_id[p["id"]].question, completion=p["completion"],
+                            answer=by_id[p["id"]].answer, options=by_id[p["id"]].options,
+                            criteria=list(by_id[p["id"]].criteria), images=list(by_id[p["id"]].images),
+                            modality=by_id[p["id"]].modality) for p in preds]
+    scores = ProcessReward(judge).score_batch(samples)
+    by_level: dict = {}
+    for p, score in zip(preds, scores):
+        if score is not None:
+            by_level.setdefault(p["difficulty"], []).append(score)
+    kept = [x for x in scores if x is not None]
+    summary = {"mean": sum(kept) / len(kept) if kept else None, "n": len(kept), "abstained": len(scores) - len(kept),
+               "by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_level.items())}}
+    cache.write_text(json.dumps(summary, indent=1))
+    log(f"judge {variant}: mean process score {summary['mean']} on {len(kept)} test completions")
+    return summary
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -273,6 +368,11 @@ def parse_args(argv=None):
     p.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps inside a stage")
     p.add_argument("--local-rank", "--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--validate", action="store_true",
+                   help="hold out the last validation_fraction of the SFT and RL splits and evaluate on them "
+                        "instead of the test split (for choosing hyper-parameters)")
+    p.add_argument("--judge-predictions", choices=("auto", "yes", "no"), default="auto",
+                   help="score every variant's test completions with the judge (auto: only with the local judge)")
     return p.parse_args(argv)
 
 
@@ -296,13 +396,17 @@ def run(args, out: Path) -> dict:
     paths = {"base": base_model(args, parts, out, profile)} | {s: out / "models" / s for s in STAGES}
     outcome = [AccuracyReward(), FormatReward()]
     with ExitStack() as stack:
-        def judge() -> JudgeConfig:
-            url = args.judge_url
-            if url is None:
-                url = stack.enter_context(start_local_judge("rubric")).url
-                log(f"local rubric judge at {url}")
-            return JudgeConfig(base_url=url, model=args.judge_model if args.judge_url else "rubric",
-                               cache_path=str(out / "judge_cache.sqlite"))
+        judges = []
+
+        def judge() -> JudgeConfig:  # started on first use, stopped when the run ends
+            if not judges:
+                url = args.judge_url
+                if url is None:
+                    url = stack.enter_context(start_local_judge("rubric")).url
+                    log(f"local rubric judge at {url}")
+                judges.append(JudgeConfig(base_url=url, model=args.judge_model if args.judge_url else "rubric",
+                                          cache_path=str(out / "judge_cache.sqlite")))
+            return judges[0]
         plan = {
             "alpha": lambda: sft_stage("alpha", paths["base"], parts["sft"], profile, args, out),
             "beta": lambda: grpo_stage("beta", paths["alpha"], parts["rl"], outcome, profile, args, out),
@@ -317,13 +421,17 @@ def run(args, out: Path) -> dict:
                 if PARENT[stage] != "base" and not (paths[PARENT[stage]] / "DONE.json").is_file():
                     raise SystemExit(f"stage {stage} needs stage {PARENT[stage]} first (run --stages {PARENT[stage]},{stage})")
                 run_stage(stage, out, plan[stage])
-    results = {}
-    if "eval" in wanted:
-        for v in VARIANTS:
-            if v == "base" or (paths[v] / "DONE.json").is_file():
-                results[v] = evaluate_variant(v, paths[v], parts, profile, out)
+        results, process = {}, {}
+        if "eval" in wanted:
+            score_chains = args.judge_predictions == "yes" or (args.judge_predictions == "auto" and not args.judge_url)
+            for v in VARIANTS:
+                if v == "base" or (paths[v] / "DONE.json").is_file():
+                    results[v] = evaluate_variant(v, paths[v], parts, profile, out)
+                    if score_chains and is_main():
+                        process[v] = judge_predictions(v, results[v]["test"], parts["test"], judge(), out)
     if "report" in wanted and results and is_main():
-        report = write_report(out, results, parts, profile=asdict(profile))
+        report = write_report(out, results, parts, profile=asdict(profile), process=process,
+                              validation=args.validate)
         log(f"report: {report}")
     return results
 

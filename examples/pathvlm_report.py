@@ -27,17 +27,59 @@ def _ood_mean(res: dict) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def table(results: dict) -> str:
-    head = "| Variant | In-domain (pathology) | CT | Dermoscopy | Fundus | OCT | OOD mean | Format | Reasoning tokens |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def table(results: dict, process: dict | None = None) -> str:
+    head = ("| Variant | In-domain (pathology) | CT | Dermoscopy | Fundus | OCT | OOD mean | Grey images | "
+            "Visual reliance | Process score | Format | Reasoning tokens |")
+    lines = [head, "|---|" + "---:|" * 11]
     for variant, res in results.items():
         ood = _ood_mean(res)
         test = res["test"]
         cells = [_pct(res.get(m)) for m in OOD]
+        blank = f"{100 * test.blank['accuracy']:.2f}" if test.blank else "—"
+        reliance = f"{100 * test.visual_reliance['overall']:+.2f}" if test.visual_reliance else "—"
+        score = (process or {}).get(variant, {}).get("mean")
         lines.append(f"| {NAMES.get(variant, variant)} | {_pct(test)} | " + " | ".join(cells)
-                     + f" | {'—' if ood is None else f'{100 * ood:.2f}'} | {100 * test.format_rate:.1f} %"
+                     + f" | {'—' if ood is None else f'{100 * ood:.2f}'} | {blank} | {reliance}"
+                     + f" | {'—' if score is None else f'{score:.3f}'} | {100 * test.format_rate:.1f} %"
                      + f" | {test.mean_reasoning_tokens:.0f} |")
     return "\n".join(lines)
+
+
+def baselines_table(results: dict) -> str:
+    """Per evaluation set: what chance and a constant letter would score, and the letters' spread."""
+    first = next(iter(results.values()))
+    lines = ["| Set | n | Chance | Best constant letter | Correct letters |", "|---|---:|---:|---:|---|"]
+    for split in ["test"] + [m for m in OOD if m in first]:
+        r = first[split]
+        b = r.baselines
+        lines.append(f"| {split} | {r.n} | {100 * b['chance']:.2f} | {b['constant_letter']} "
+                     f"{100 * b['constant_letter_accuracy']:.2f} | {r.reference_letters} |")
+    return "\n".join(lines)
+
+
+def reliance_table(results: dict) -> str:
+    """In-domain accuracy with the images / with grey images / the gap, per difficulty."""
+    levels = sorted({d for res in results.values() for d in res["test"].by_difficulty})
+    lines = ["| Variant | " + " | ".join(f"{d}: image / grey / gap" for d in levels) + " | answers (letters) |",
+             "|---|" + "---:|" * len(levels) + "---|"]
+    for variant, res in results.items():
+        test = res["test"]
+        cells = []
+        for d in levels:
+            if test.blank is None or d not in test.by_difficulty or d not in test.blank["by_difficulty"]:
+                cells.append("—")
+                continue
+            seen, grey = test.by_difficulty[d]["accuracy"], test.blank["by_difficulty"][d]["accuracy"]
+            cells.append(f"{100 * seen:.1f} / {100 * grey:.1f} / {100 * (seen - grey):+.1f}")
+        lines.append(f"| {NAMES.get(variant, variant)} | " + " | ".join(cells) + f" | {test.answer_letters} |")
+    return "\n".join(lines)
+
+
+def chance_row(results: dict) -> str:
+    first = next(iter(results.values()))["test"]
+    levels = sorted(first.baselines.get("by_difficulty", {}))
+    return ", ".join(f"{d}: chance {100 * first.baselines['by_difficulty'][d]['chance']:.1f} %, constant letter "
+                     f"{100 * first.baselines['by_difficulty'][d]['constant_letter_accuracy']:.1f} %" for d in levels)
 
 
 def difficulty_table(results: dict) -> str:
@@ -87,11 +129,13 @@ def plot_accuracy(results: dict, path: Path) -> None:
 
 
 def plot_curves(out: Path, path: Path) -> list[str]:
-    """Reward / KL / completion length per step for every GRPO stage that ran."""
+    """Each reward separately (accuracy, format, process), KL and completion length per step for
+    every GRPO stage that ran: a rising sum says nothing about accuracy unless accuracy rises."""
     plt = _pyplot()
-    keys = [("reward/mean", "mean reward"), ("kl_mean", "KL to reference"),
-            ("completion/length_mean", "completion length (tokens)"), ("reward/process/mean", "process reward")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(16, 3.6))
+    keys = [("reward/accuracy/mean", "accuracy reward"), ("reward/format/mean", "format reward"),
+            ("reward/process/mean", "process reward"), ("kl_mean", "KL to reference"),
+            ("completion/length_mean", "completion length (tokens)")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(19, 3.6))
     plotted = []
     for stage in ("beta", "r1", "epsilon"):
         rows = _read_metrics(out / "stages" / stage / "metrics.jsonl")
@@ -100,8 +144,12 @@ def plot_curves(out: Path, path: Path) -> list[str]:
         plotted.append(stage)
         for ax, (key, label) in zip(axes, keys):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=NAMES[stage].split(" (")[0])
+            if pts:  # raw per-step values, faint, and a 10-step running mean
+                xs, ys = zip(*pts)
+                line, = ax.plot(xs, ys, alpha=0.25)
+                k = min(10, len(ys))
+                smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+                ax.plot(xs, smooth, color=line.get_color(), label=NAMES[stage].split(" (")[0])
             ax.set_title(label)
             ax.set_xlabel("step")
     for ax in axes:
@@ -146,7 +194,8 @@ td.ok{{background:#eefbea}} td.bad{{background:#fdeeee}} ul{{padding-left:16px;m
 {''.join(rows)}</table></body></html>""")
 
 
-def write_report(out: Path, results: dict, parts: dict, profile: dict) -> Path:
+def write_report(out: Path, results: dict, parts: dict, profile: dict, process: dict | None = None,
+                 validation: bool = False) -> Path:
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     plot_accuracy(results, folder / "accuracy_by_stage.png")
@@ -154,21 +203,44 @@ def write_report(out: Path, results: dict, parts: dict, profile: dict) -> Path:
     samples_html(results, list(parts["test"]), folder / "samples.html")
     stages = {p.parent.name: json.loads(p.read_text()) for p in sorted((out / "models").glob("*/DONE.json"))}
     sizes = {k: len(v) for k, v in parts.items() if k != "ood"} | {f"ood/{m}": len(v) for m, v in parts["ood"].items()}
+    base = json.loads((out / "base.json").read_text()) if (out / "base.json").is_file() else {}
+    base_line = (f"Base: {base.get('path', 'the given checkpoint')}"
+                 + (f", a tiny Qwen2.5-VL pretrained on {base['items']} captioned tiles for {base['steps']} steps "
+                    f"(a stream no split draws from; built in {base['seconds']} s, cached)" if base.get("steps") else "")
+                 + ".")
+    split_name = ("the VALIDATION slice (--validate: the last part of the SFT and RL splits, held out from "
+                  "training)" if validation else "the held-out test split")
     text = f"""# PathVLM-R1 reproduction report
 
-Accuracy (%) on the held-out test split (in-domain) and the out-of-domain sets, greedy decoding.
-Layout as in the paper's Table 2; variants as in its Figure 3.
+Accuracy (%) on {split_name} (in-domain) and the out-of-domain sets, greedy decoding.
+Layout as in the paper's Table 2; variants as in its Figure 3. {base_line}
 
-{table(results)}
+- *Grey images*: the same model on the same questions with every image replaced by a uniform grey
+  image of the same size; *visual reliance* = accuracy with images minus with grey images (points).
+- *Process score*: the judge (integrity + knowledge) / 2 on the variant's own test completions.
+- Hyper-parameters were chosen on a validation slice carved out of the SFT and RL splits
+  (`--validate`), never on the test split.
+
+{table(results, process)}
+
+## What a model that does not read the images would score
+
+{baselines_table(results)}
+
+Per difficulty (test): {chance_row(results)}.
 
 ## In-domain accuracy by question difficulty
 
 {difficulty_table(results)}
 
+## Visual reliance by difficulty, and the letters each variant answers
+
+{reliance_table(results)}
+
 ## Plots
 
 - `accuracy_by_stage.png`: in-domain and mean out-of-domain accuracy of every variant.
-- `training_curves.png`: mean reward, KL, completion length and process reward per GRPO step
+- `training_curves.png`: accuracy, format and process reward, KL and completion length per GRPO step
   (stages: {', '.join(curves) or 'none ran'}).
 - `samples.html`: test images with every variant's reasoning and answer.
 
@@ -186,25 +258,53 @@ Stages: `{json.dumps(stages)}`
 """
     (folder / "report.md").write_text(text)
     (folder / "results.json").write_text(json.dumps({
-        v: {k: {"accuracy": r.accuracy, "n": r.n, "format_rate": r.format_rate} for k, r in res.items()}
-        for v, res in results.items()}, indent=1))
+        v: {k: {"accuracy": r.accuracy, "n": r.n, "format_rate": r.format_rate, "by_difficulty": r.by_difficulty,
+                "baselines": r.baselines, "answer_letters": r.answer_letters,
+                "blank_accuracy": r.blank["accuracy"] if r.blank else None,
+                "visual_reliance": r.visual_reliance} for k, r in res.items()}
+        | {"process": (process or {}).get(v)} for v, res in results.items()}, indent=1))
     return folder / "report.md"
 
 
+def _spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
 def write_seed_summary(out: Path, runs: dict) -> Path:
-    """Mean and spread (min..max, std) of each variant's accuracy across seeds."""
+    """Mean ± std across seeds of each variant's accuracy (in-domain, per difficulty, grey-image
+    control, OOD and its change against Alpha) and process score; paired differences against
+    Alpha per seed, so a gain can be held against the seed spread."""
     variants = sorted({v for res in runs.values() for v in res}, key=lambda v: list(NAMES).index(v))
-    lines = ["| Variant | In-domain mean ± std | min..max | OOD mean ± std |", "|---|---:|---:|---:|"]
+    levels = sorted({d for res in runs.values() for r in res.values() for d in r["test"].by_difficulty})
+    process = {seed: {v: json.loads(f.read_text()) for v in variants
+                      if (f := out / f"seed-{seed}" / "eval" / f"{v}.process.json").is_file()} for seed in runs}
+    lines = ["| Variant | In-domain | " + " | ".join(levels) + " | Grey images | Visual reliance (easy) | "
+             "Process score | OOD mean | OOD change vs Alpha | In-domain change vs Alpha |",
+             "|---|" + "---:|" * (len(levels) + 8)]
     summary = {}
     for v in variants:
-        ind = [100 * res[v]["test"].accuracy for res in runs.values() if v in res]
-        ood = [100 * (_ood_mean(res[v]) or 0) for res in runs.values() if v in res]
-        sd = statistics.stdev(ind) if len(ind) > 1 else 0.0
-        sd_ood = statistics.stdev(ood) if len(ood) > 1 else 0.0
-        summary[v] = {"in_domain": ind, "ood": ood}
-        lines.append(f"| {NAMES.get(v, v)} | {statistics.mean(ind):.2f} ± {sd:.2f} | {min(ind):.2f}..{max(ind):.2f}"
-                     f" | {statistics.mean(ood):.2f} ± {sd_ood:.2f} |")
+        seeds = [seed for seed, res in runs.items() if v in res]
+        test = {seed: runs[seed][v]["test"] for seed in seeds}
+        ind = [100 * test[s].accuracy for s in seeds]
+        by = {d: [100 * test[s].by_difficulty[d]["accuracy"] for s in seeds if d in test[s].by_difficulty] for d in levels}
+        grey = [100 * test[s].blank["accuracy"] for s in seeds if test[s].blank]
+        easy = [100 * test[s].visual_reliance["by_difficulty"].get("easy", float("nan")) for s in seeds
+                if test[s].visual_reliance]
+        proc = [process[s][v]["mean"] for s in seeds if v in process[s] and process[s][v]["mean"] is not None]
+        ood = [100 * (_ood_mean(runs[s][v]) or 0) for s in seeds]
+        paired = [s for s in seeds if "alpha" in runs[s]]
+        d_ood = [100 * ((_ood_mean(runs[s][v]) or 0) - (_ood_mean(runs[s]["alpha"]) or 0)) for s in paired]
+        d_ind = [100 * (test[s].accuracy - runs[s]["alpha"]["test"].accuracy) for s in paired]
+        summary[v] = {"in_domain": ind, "by_difficulty": by, "grey": grey, "visual_reliance_easy": easy,
+                      "process": proc, "ood": ood, "ood_change_vs_alpha": d_ood, "in_domain_change_vs_alpha": d_ind,
+                      "seeds": seeds}
+        cell = lambda xs: _spread(xs) if xs else "—"  # noqa: E731
+        lines.append(f"| {NAMES.get(v, v)} | {cell(ind)} | " + " | ".join(cell(by[d]) for d in levels)
+                     + f" | {cell(grey)} | {cell(easy)} | {cell(proc)}"
+                     + f" | {cell(ood)} | {cell(d_ood)} | {cell(d_ind)} |")
     path = out / "seed_summary.md"
-    path.write_text(f"# Accuracy across seeds {sorted(runs)}\n\n" + "\n".join(lines) + "\n")
+    path.write_text(f"# Across seeds {sorted(runs)} (mean ± sample std)\n\n" + "\n".join(lines) + "\n\n"
+                    "Changes vs Alpha are paired: the same seed's data, base and evaluation.\n")
     (out / "seed_summary.json").write_text(json.dumps(summary, indent=1))
     return path
