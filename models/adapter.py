@@ -84,12 +84,8 @@ class QwenVLAdapter:
         return dict(prompts=prompts, completion_mask=completion_mask)
 
     def generate_inputs(self, prompts: PromptBatch) -> dict:
-        inputs = dict(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                      mm_token_type_ids=prompts.mm_token_type_ids)
-        pixel_values, grid = prompts.images()
-        if pixel_values is not None and pixel_values.shape[0] > 0:
-            inputs.update(pixel_values=pixel_values, image_grid_thw=grid)
-        return inputs
+        return forward.with_images(dict(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                                        mm_token_type_ids=prompts.mm_token_type_ids), prompts)
 
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)

@@ -22,17 +22,22 @@ from . import reuse
 from .batch import PromptBatch
 
 
-def forward_inputs(prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict:
-    """Inputs of one forward pass over prompt + completion (N, P + T), every row on its own."""
-    zeros = torch.zeros_like(completion_ids)
-    inputs = dict(
-        input_ids=torch.cat([prompts.input_ids, completion_ids], 1),
-        attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], 1),
-        mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, zeros.to(prompts.mm_token_type_ids.dtype)], 1))
+def with_images(inputs: dict, prompts: PromptBatch) -> dict:
+    """``inputs`` plus the rows' ``pixel_values`` / ``image_grid_thw`` when they hold any image."""
     pixel_values, grid = prompts.images()
     if pixel_values is not None and pixel_values.shape[0] > 0:
         inputs.update(pixel_values=pixel_values, image_grid_thw=grid)
     return inputs
+
+
+def forward_inputs(prompts: PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> dict:
+    """Inputs of one forward pass over prompt + completion (N, P + T), every row on its own."""
+    zeros = torch.zeros_like(completion_ids)
+    return with_images(dict(
+        input_ids=torch.cat([prompts.input_ids, completion_ids], 1),
+        attention_mask=torch.cat([prompts.attention_mask, completion_mask.to(prompts.attention_mask.dtype)], 1),
+        mm_token_type_ids=torch.cat([prompts.mm_token_type_ids, zeros.to(prompts.mm_token_type_ids.dtype)], 1)),
+        prompts)
 
 
 def backbone_and_head(model):
