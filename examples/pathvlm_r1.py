@@ -183,15 +183,15 @@ def base_model(args, parts: dict, out: Path, profile: Profile) -> Path:
     if args.model:
         return Path(args.model)
     spec = TinySpec(seed=args.seed, **dict(profile.tiny_model))
+    texts = [data.SYSTEM_PROMPT, data.CAPTION_PROMPT] + [
+        data.build_messages(r)[1]["content"][-1]["text"] + " " + data.build_sft_target(r) for r in parts["sft"]]
     setting = {"spec": asdict(spec), "data": data.EMBEDDED_VERSION, "steps": profile.pretrain_steps,
-               "lr": profile.pretrain_learning_rate, "items": profile.pretrain_items,
-               "sizes": profile.sizes, "batch": profile.sft_batch_size}
+               "lr": profile.pretrain_learning_rate, "items": profile.pretrain_items, "batch": profile.sft_batch_size,
+               "corpus": hashlib.sha256("\n".join(texts).encode()).hexdigest()}
     key = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / "base" / f"{key}-seed{args.seed}"
     if is_main() and not (folder / "BASE.json").is_file():  # one rank builds, the others wait
         t0 = time.time()
-        texts = [data.SYSTEM_PROMPT, data.CAPTION_PROMPT] + [
-            data.build_messages(r)[1]["content"][-1]["text"] + " " + data.build_sft_target(r) for r in parts["sft"]]
         captions = data.caption_items(args.seed, profile.pretrain_items) if profile.pretrain_steps else []
         tmp = folder.with_name(folder.name + ".tmp")
         ensure_tiny_checkpoint(tmp / "init", spec, corpus=default_corpus() + texts + [c["target"] for c in captions])
@@ -393,7 +393,11 @@ def run(args, out: Path) -> dict:
         (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1))
     torch.manual_seed(args.seed)
     parts = load_splits(args, profile, out)
-    paths = {"base": base_model(args, parts, out, profile)} | {s: out / "models" / s for s in STAGES}
+    if not wanted & set(STAGES) and (out / "base.json").is_file():  # evaluation / report only: reuse
+        base = Path(json.loads((out / "base.json").read_text())["path"])
+    else:
+        base = base_model(args, parts, out, profile)
+    paths = {"base": base} | {s: out / "models" / s for s in STAGES}
     outcome = [AccuracyReward(), FormatReward()]
     with ExitStack() as stack:
         judges = []

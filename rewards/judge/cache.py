@@ -7,13 +7,13 @@ file: SQLite serialises the writers. Rows hold only scores, rationale, model and
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from data.readers import sha256_hex
 from rewards.judge.parse import Verdict
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS judgments (
@@ -27,7 +27,7 @@ def cache_key(*, prompt_version: str, prompt_fingerprint: str, model: str, image
     """sha256 over everything that determines the verdict."""
     blob = json.dumps(["judgment-v1", prompt_version, prompt_fingerprint, model, image_hashes,
                        question, options, completion, reference, criteria], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return sha256_hex(blob)
 
 
 class JudgmentCache:

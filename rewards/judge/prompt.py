@@ -15,12 +15,14 @@ inside the real completion section.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
+
+from data.readers import sha256_hex
+from data.records import lettered
 
 PROMPT_DIR = Path(__file__).parent / "prompts"
 SECTIONS = ("QUESTION", "OPTIONS", "REFERENCE", "CRITERIA", "COMPLETION")
@@ -53,7 +55,7 @@ class PromptTemplate:
     def fingerprint(self) -> str:
         """Hash of the full template text, so an edited template never reuses stale judgments."""
         blob = json.dumps([self.version, self.system, self.user]).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return sha256_hex(blob)[:16]
 
     @classmethod
     def from_file(cls, path: str | Path) -> "PromptTemplate":
@@ -80,7 +82,7 @@ def section(name: str, body: str, nonce: str) -> str:
 def format_options(options: list[str] | None) -> str:
     if not options:
         return "(none: open question)"
-    return "\n".join(f"{string.ascii_uppercase[i]}) {o}" for i, o in enumerate(options[:26]))
+    return "\n".join(f"{letter}) {text}" for letter, text in lettered(options[:26]))
 
 
 def format_criteria(criteria: list[str]) -> str:
@@ -92,7 +94,7 @@ def render_user_text(template: PromptTemplate, *, question: str, options: list[s
     """The user message text with every field in its own delimited section."""
     fields = {"QUESTION": question, "OPTIONS": format_options(options), "REFERENCE": reference,
               "CRITERIA": format_criteria(criteria), "COMPLETION": completion}
-    nonce = hashlib.sha256(json.dumps([template.fingerprint, fields]).encode()).hexdigest()[:16]
+    nonce = sha256_hex(json.dumps([template.fingerprint, fields]))[:16]
     values = {name.lower(): section(name, body, nonce) for name, body in fields.items()}
     return string.Template(template.user).safe_substitute(values)
 
