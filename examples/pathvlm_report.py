@@ -16,6 +16,7 @@ NAMES = {"base": "Base", "alpha": "Alpha (SFT)", "beta": "Beta (Alpha + GRPO acc
          "delta": "Delta (base + SFT on RL split)", "epsilon": "Epsilon (base + GRPO on RL split)"}
 OOD = ("ct", "dermoscopy", "fundus", "oct")
 STAGE_ORDER = ("base", "alpha", "beta", "r1")
+COLOURS = {"beta": "C0", "r1": "C1", "epsilon": "C2"}
 
 
 def _pct(result) -> str:
@@ -146,10 +147,11 @@ def plot_curves(out: Path, path: Path) -> list[str]:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:  # raw per-step values, faint, and a 10-step running mean
                 xs, ys = zip(*pts)
-                line, = ax.plot(xs, ys, alpha=0.25)
+                colour = COLOURS[stage]  # one colour per stage in every panel
+                ax.plot(xs, ys, alpha=0.25, color=colour)
                 k = min(10, len(ys))
                 smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
-                ax.plot(xs, smooth, color=line.get_color(), label=NAMES[stage].split(" (")[0])
+                ax.plot(xs, smooth, color=colour, label=NAMES[stage].split(" (")[0])
             ax.set_title(label)
             ax.set_xlabel("step")
     for ax in axes:

@@ -24,14 +24,20 @@ def test_summary_by_hand(tmp_path):
         summarize([])
 
 
-def test_evaluate_runs_batched_greedy_on_the_tiny_model(tiny_ckpt, tiny_processor):
+def _model_and_records(ckpt, n: int, answer: str):
+    """The tiny model and ``n`` two-option items on noise images whose reference is ``answer``."""
     from helpers import noise_image
     from models import ModelConfig, load_policy
-    model = load_policy(ModelConfig(str(tiny_ckpt))).eval()
-    records = [{"id": f"r{i}", "question": "Q?", "answer": "A", "options": ["x", "y"], "modality": "ct",
+    model = load_policy(ModelConfig(str(ckpt))).eval()
+    records = [{"id": f"r{i}", "question": "Q?", "answer": answer, "options": ["x", "y"], "modality": "ct",
                 "images": [noise_image(i)],
                 "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]}
-               for i in range(5)]
+               for i in range(n)]
+    return model, records
+
+
+def test_evaluate_runs_batched_greedy_on_the_tiny_model(tiny_ckpt, tiny_processor):
+    model, records = _model_and_records(tiny_ckpt, 5, "A")
     first = evaluate(model, tiny_processor, records, batch_size=2, max_new_tokens=6, progress=False)
     again = evaluate(model, tiny_processor, records, batch_size=5, max_new_tokens=6, progress=False)
     assert first.n == 5 and [p["id"] for p in first.predictions] == [f"r{i}" for i in range(5)]
@@ -88,13 +94,7 @@ def test_blank_prompt_replaces_every_image_by_uniform_grey_of_the_same_size():
 
 
 def test_evaluate_with_image_ablation_records_the_grey_control(tiny_ckpt, tiny_processor):
-    from helpers import noise_image
-    from models import ModelConfig, load_policy
-    model = load_policy(ModelConfig(str(tiny_ckpt))).eval()
-    records = [{"id": f"r{i}", "question": "Q?", "answer": "y", "options": ["x", "y"], "modality": "ct",
-                "images": [noise_image(i)],
-                "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]}
-               for i in range(3)]
+    model, records = _model_and_records(tiny_ckpt, 3, "y")
     r = evaluate(model, tiny_processor, records, batch_size=3, max_new_tokens=4, progress=False,
                  image_ablation=True)
     assert r.blank is not None and r.blank["n"] == 3
