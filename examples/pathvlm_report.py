@@ -36,8 +36,12 @@ def table(results: dict, process: dict | None = None) -> str:
         ood = _ood_mean(res)
         test = res["test"]
         cells = [_pct(res.get(m)) for m in OOD]
-        blank = f"{100 * test.blank['accuracy']:.2f}" if test.blank else "—"
-        reliance = f"{100 * test.visual_reliance['overall']:+.2f}" if test.visual_reliance else "—"
+        # the grey run's format rate: a model that cannot answer at all on grey images scores 0
+        # there, which inflates the gap; compare the grey accuracy with the constant-letter baseline
+        blank = (f"{100 * test.blank['accuracy']:.2f} (format {100 * test.blank['format_rate']:.0f} %)"
+                 if test.blank else "—")
+        reliance = (f"{100 * test.visual_reliance['overall']:+.2f}" if "overall" in (test.visual_reliance or {})
+                    else "— (answers nothing)" if test.visual_reliance else "—")
         score = (process or {}).get(variant, {}).get("mean")
         lines.append(f"| {NAMES.get(variant, variant)} | {_pct(test)} | " + " | ".join(cells)
                      + f" | {'—' if ood is None else f'{100 * ood:.2f}'} | {blank} | {reliance}"
@@ -218,7 +222,10 @@ Accuracy (%) on {split_name} (in-domain) and the out-of-domain sets, greedy deco
 Layout as in the paper's Table 2; variants as in its Figure 3. {base_line}
 
 - *Grey images*: the same model on the same questions with every image replaced by a uniform grey
-  image of the same size; *visual reliance* = accuracy with images minus with grey images (points).
+  image of the same size (and that run's format rate); *visual reliance* = accuracy with images
+  minus with grey images (points). A model that reads the images falls to about the constant-letter
+  baseline on grey images; one that falls further because it stops answering at all (format near
+  0 %) has its reliance overstated by the gap.
 - *Process score*: the judge (integrity + knowledge) / 2 on the variant's own test completions.
 - Hyper-parameters were chosen on a validation slice carved out of the SFT and RL splits
   (`--validate`), never on the test split.
@@ -292,7 +299,7 @@ def write_seed_summary(out: Path, runs: dict) -> Path:
         by = {d: [100 * test[s].by_difficulty[d]["accuracy"] for s in seeds if d in test[s].by_difficulty] for d in levels}
         grey = [100 * test[s].blank["accuracy"] for s in seeds if test[s].blank]
         easy = [100 * test[s].visual_reliance["by_difficulty"].get("easy", float("nan")) for s in seeds
-                if test[s].visual_reliance]
+                if "by_difficulty" in (test[s].visual_reliance or {})]
         proc = [process[s][v]["mean"] for s in seeds if v in process[s] and process[s][v]["mean"] is not None]
         ood = [100 * (_ood_mean(runs[s][v]) or 0) for s in seeds]
         paired = [s for s in seeds if "alpha" in runs[s]]

@@ -68,7 +68,8 @@ class EvalResult:
     baselines: dict = field(default_factory=dict)  # {"chance", "constant_letter", "constant_letter_accuracy",
                                                    #  "by_difficulty": {d: same keys}}
     blank: dict | None = None            # the image-ablation control (an EvalResult as dict), if run
-    visual_reliance: dict | None = None  # {"overall": acc - blank acc, "by_difficulty": {d: ...}}
+    visual_reliance: dict | None = None  # {"overall": acc - blank acc, "by_difficulty": {d: ...}}, or
+                                         # {"skipped": why} when the model answered nothing with images
 
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,7 @@ class EvalResult:
             b = self.baselines
             lines.append(f"chance {100 * b['chance']:.2f} %, constant letter {b['constant_letter']} "
                          f"{100 * b['constant_letter_accuracy']:.2f} %; answers by letter {self.answer_letters}")
-        if self.blank is not None:
+        if self.blank is not None and "overall" in (self.visual_reliance or {}):
             lines.append(f"grey-image control {100 * self.blank['accuracy']:.2f} %, visual reliance "
                          f"{100 * self.visual_reliance['overall']:+.2f} points")
         return "\n".join(lines)
@@ -217,7 +218,11 @@ def evaluate(model, processor, records, image_ablation: bool = False, **kwargs) 
     shard and the results are gathered, so every rank returns the same."""
     adapter = processor if isinstance(processor, QwenVLAdapter) else QwenVLAdapter(processor)
     result = summarize(_predict_all(model, adapter, records, **kwargs))
-    if image_ablation:
+    if image_ablation and result.accuracy == 0 and result.format_rate == 0:
+        # a model that answers nothing with the images shows no reliance on them; its grey run
+        # (max-length output on every item, the slowest evaluation there is) is not made
+        result.visual_reliance = {"skipped": "no correct or well-formatted answer with the images"}
+    elif image_ablation:
         blank_kwargs = {**kwargs, "prompt_fn": blank_prompt(kwargs.get("prompt_fn", default_prompt))}
         blank = summarize(_predict_all(model, adapter, records, **blank_kwargs))
         result.blank, result.visual_reliance = asdict(blank), visual_reliance(result, blank)

@@ -97,6 +97,25 @@ def test_evaluate_with_image_ablation_records_the_grey_control(tiny_ckpt, tiny_p
     model, records = _model_and_records(tiny_ckpt, 3, "y")
     r = evaluate(model, tiny_processor, records, batch_size=3, max_new_tokens=4, progress=False,
                  image_ablation=True)
+    # a random model answers nothing: its grey run would show nothing, so it is not made
+    assert r.accuracy == 0 and r.format_rate == 0
+    assert r.blank is None and r.visual_reliance == {"skipped": "no correct or well-formatted answer with the images"}
+    # a model that does answer (here: every prediction forced to the reference) gets the control
+    import sys
+    ev = sys.modules["grpo.evaluate"]  # the module (grpo.evaluate is also the function's name)
+    real_predict = ev.predict
+
+    def answering(*args, **kwargs):
+        preds = real_predict(*args, **kwargs)
+        for p in preds:
+            p.correct = p.well_formatted = True
+        return preds
+    ev.predict = answering
+    try:
+        r = evaluate(model, tiny_processor, records, batch_size=3, max_new_tokens=4, progress=False,
+                     image_ablation=True)
+    finally:
+        ev.predict = real_predict
     assert r.blank is not None and r.blank["n"] == 3
     assert r.visual_reliance["overall"] == pytest.approx(r.accuracy - r.blank["accuracy"])
     assert r.reference_letters == {"B": 3} and r.baselines["constant_letter_accuracy"] == 1.0
