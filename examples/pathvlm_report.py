@@ -290,7 +290,7 @@ def write_seed_summary(out: Path, runs: dict) -> Path:
                       if (f := out / f"seed-{seed}" / "eval" / f"{v}.process.json").is_file()} for seed in runs}
     lines = ["| Variant | In-domain | " + " | ".join(levels) + " | Grey images | Visual reliance (easy) | "
              "Process score | OOD mean | OOD change vs Alpha | In-domain change vs Alpha |",
-             "|---|" + "---:|" * (len(levels) + 8)]
+             "|---|" + "---:|" * (len(levels) + 7)]
     summary = {}
     for v in variants:
         seeds = [seed for seed, res in runs.items() if v in res]
