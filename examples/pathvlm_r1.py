@@ -324,10 +324,11 @@ def evaluate_variant(variant: str, path: Path, parts: dict, profile: Profile, ou
     return results
 
 
-def judge_predictions(variant: str, result: EvalResult, records, judge: JudgeConfig, out: Path) -> dict:
+def judge_predictions(variant: str, result: EvalResult, records, judge, out: Path) -> dict:
     """The process reward of a variant's test completions: the judge that scored R1's training
     chains now scores every variant's answers, so a rise of the process reward can be checked
-    against accuracy on the same items. Cached as <out>/eval/<variant>.process.json."""
+    against accuracy on the same items. ``judge()`` gives the JudgeConfig (the local judge is started
+    only when something is left to score). Cached as <out>/eval/<variant>.process.json."""
     cache = out / "eval" / f"{variant}.process.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -337,7 +338,7 @@ def judge_predictions(variant: str, result: EvalResult, records, judge: JudgeCon
                             answer=by_id[p["id"]].answer, options=by_id[p["id"]].options,
                             criteria=list(by_id[p["id"]].criteria), images=list(by_id[p["id"]].images),
                             modality=by_id[p["id"]].modality) for p in preds]
-    scores = ProcessReward(judge).score_batch(samples)
+    scores = ProcessReward(judge()).score_batch(samples)
     by_level: dict = {}
     for p, score in zip(preds, scores):
         if score is not None:
@@ -437,7 +438,7 @@ def run(args, out: Path) -> dict:
                 if v == "base" or (paths[v] / "DONE.json").is_file():
                     results[v] = evaluate_variant(v, paths[v], parts, profile, out)
                     if score_chains and is_main():
-                        process[v] = judge_predictions(v, results[v]["test"], parts["test"], judge(), out)
+                        process[v] = judge_predictions(v, results[v]["test"], parts["test"], judge, out)
     if "report" in wanted and results and is_main():
         report = write_report(out, results, parts, profile=asdict(profile), process=process,
                               validation=args.validate)
