@@ -43,10 +43,9 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from grpo import (EvalResult, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, default_device,  # noqa: E402
-                  evaluate, init_distributed)
+                  default_reward_sample, evaluate, init_distributed)
 from models import ModelConfig, TinySpec, default_corpus, ensure_tiny_checkpoint, load_policy, load_processor  # noqa: E402
-from rewards import (AccuracyReward, FormatReward, JudgeConfig, ProcessReward, RewardSample,  # noqa: E402
-                     start_local_judge)
+from rewards import AccuracyReward, FormatReward, JudgeConfig, ProcessReward, start_local_judge  # noqa: E402
 
 from pathvlm_report import write_report, write_seed_summary  # noqa: E402  (examples/, next to this file)
 
@@ -334,10 +333,7 @@ def judge_predictions(variant: str, result: EvalResult, records, judge, out: Pat
         return json.loads(cache.read_text())
     by_id = {r.id: r for r in records}
     preds = [p for p in result.predictions if p["id"] in by_id]
-    samples = [RewardSample(question=by_id[p["id"]].question, completion=p["completion"],
-                            answer=by_id[p["id"]].answer, options=by_id[p["id"]].options,
-                            criteria=list(by_id[p["id"]].criteria), images=list(by_id[p["id"]].images),
-                            modality=by_id[p["id"]].modality) for p in preds]
+    samples = [default_reward_sample(by_id[p["id"]], p["completion"]) for p in preds]  # as in training
     scores = ProcessReward(judge()).score_batch(samples)
     by_level: dict = {}
     for p, score in zip(preds, scores):

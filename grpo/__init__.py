@@ -9,8 +9,9 @@ launcher needs (``init_distributed``, ``default_device``). See docs/architecture
 from .config import GRPOConfig, SFTConfig
 from .engine import default_device, init_distributed
 from .evaluate import EvalResult, evaluate
+from .samples import default_reward_sample
 from .sft import SFTTrainer
 from .trainer import GRPOTrainer
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "EvalResult", "evaluate",
-           "default_device", "init_distributed"]
+           "default_device", "init_distributed", "default_reward_sample"]
