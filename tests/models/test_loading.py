@@ -6,13 +6,22 @@ from models import ModelConfig, load_policy, load_reference, pick_attn_implement
 from models.processor import load_processor, pixel_limits
 
 
-def test_cpu_picks_sdpa_and_fp32():
-    assert not torch.cuda.is_available()
-    assert pick_attn_implementation("auto") == "sdpa"
-    assert pick_dtype("auto") == torch.float32
+@pytest.mark.parametrize("cuda,flash", [(False, False), (True, False), (True, True)])
+def test_auto_picks_by_machine(monkeypatch, cuda, flash):
+    """The choice on a CPU machine, a CUDA machine without flash-attn and one with it, whatever
+    machine runs the test."""
+    import models.loading as loading
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: cuda)
+    real_find_spec = loading.importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: (object() if flash else None) if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    assert pick_attn_implementation("auto") == ("flash_attention_2" if flash else "sdpa")
+    assert pick_dtype("auto") == (torch.bfloat16 if cuda else torch.float32)
     assert pick_dtype("bfloat16") == torch.bfloat16
-    with pytest.raises(ValueError, match="flash-attn"):
-        pick_attn_implementation("flash_attention_2")
+    if not flash:
+        with pytest.raises(ValueError, match="flash-attn"):
+            pick_attn_implementation("flash_attention_2")
     with pytest.raises(ValueError, match="dtype='int8'"):
         pick_dtype("int8")
 
@@ -23,8 +32,8 @@ def test_policy_freezes_vision_tower_and_merger(tiny_ckpt):
     assert all(not p.requires_grad for p in visual.parameters())
     assert all(not p.requires_grad for p in visual.merger.parameters())
     assert all(p.requires_grad for n, p in model.named_parameters() if "visual" not in n)
-    assert model.config._attn_implementation == "sdpa"
-    assert next(model.parameters()).dtype == torch.float32
+    assert model.config._attn_implementation == pick_attn_implementation("auto")  # sdpa on CPU
+    assert next(model.parameters()).dtype == pick_dtype("auto")  # float32 on CPU
 
 
 def test_policy_gradient_checkpointing_and_reference_frozen(tiny_ckpt):

@@ -1,15 +1,17 @@
 """The minimal DICOM reader against pydicom's shipped test files (values checked with pydicom
 3.0.2 once and written here)."""
-import importlib.metadata
-
 import pytest
 
 from data.embedded.dicom import DicomError, dicom_to_image, read_dicom
+from data.embedded.fetch import find, wheel_files
 
 
 def _file(name):
-    return str(importlib.metadata.distribution("pydicom").locate_file(
-        f"pydicom/data/test_files/{name}"))
+    """pydicom's test file, as data.embedded.fetch copied it out of the pinned wheel."""
+    item = next(w for w in wheel_files() if w.file == f"pydicom/data/test_files/{name}")
+    path = find(item)
+    assert path is not None, f"{name} is not fetched: run python -m data.embedded.fetch"
+    return str(path)
 
 
 def test_ct_small_hounsfield_values():
