@@ -35,6 +35,9 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "hypothesis>=6.100"],
+        # Parquet files (Hugging Face copies of PathVQA, VQA-RAD) and datasets.Dataset objects;
+        # data/ reads Parquet through pyarrow and never imports datasets itself.
+        "data": ["pyarrow>=15", "datasets>=2.19"],
         # Plots of the PathVLM-R1 report (examples/pathvlm_r1.py).
         "report": ["matplotlib>=3.8"],
         # Baselines used only by bench/ (never imported by the library itself).

@@ -61,7 +61,14 @@ class Where:
     """Location of a raw record, used to build error messages."""
 
     file: str
-    record: str  # "line 12" or "id 'abc'" or "item 3"
+    record: str  # "line 12" or "id 'abc'" or "item 3" or "row 3"
+    index: int | None = None  # 0-based position of the row in its file (for generated ids)
+
+    @property
+    def number(self) -> str:
+        """The row's number for a generated id: ``index`` when known, else the last word of
+        ``record`` ("line 12" -> "12")."""
+        return str(self.index) if self.index is not None else self.record.split()[-1]
 
     def error(self, reason: str, field_name: str, problem: str, fix: str) -> DataError:
         return DataError(reason, self.file, self.record, field_name, problem, fix)
@@ -152,13 +159,18 @@ class LoadReport:
     skipped: Counter = field(default_factory=Counter)
     filtered: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # first few skip messages, verbatim
+    examples_by_reason: dict = field(default_factory=dict)  # reason -> its first messages
 
     MAX_EXAMPLES = 5
+    MAX_EXAMPLES_PER_REASON = 3
 
     def skip(self, error: DataError) -> None:
         self.skipped[error.reason] += 1
         if len(self.examples) < self.MAX_EXAMPLES:
             self.examples.append(str(error))
+        kept = self.examples_by_reason.setdefault(error.reason, [])
+        if len(kept) < self.MAX_EXAMPLES_PER_REASON:
+            kept.append(str(error))
 
     @property
     def n_skipped(self) -> int:
@@ -171,6 +183,9 @@ class LoadReport:
         self.filtered.update(other.filtered)
         room = self.MAX_EXAMPLES - len(self.examples)
         self.examples.extend(other.examples[:max(room, 0)])
+        for reason, messages in other.examples_by_reason.items():
+            kept = self.examples_by_reason.setdefault(reason, [])
+            kept.extend(messages[:max(self.MAX_EXAMPLES_PER_REASON - len(kept), 0)])
 
     def summary(self) -> str:
         text = f"{self.source}: read {self.n_read}, kept {self.n_kept}"

@@ -75,12 +75,21 @@ def image_groups(records: list[VQARecord]) -> list[list[VQARecord]]:
 def split_records(records: list[VQARecord], sizes=None, seed: int = 42) -> dict[str, list]:
     """Deal records into named splits, seeded and image-disjoint.
 
-    ``sizes``: a dict ``{name: count}``, a tuple of counts (3 counts are named sft/rl/test),
-    fractions summing to at most 1, or None (paper sizes or proportions). Image groups are
-    shuffled with ``seed`` and each is put in the first split that still has room for all of it;
-    with one record per image the counts are exact. Each returned record is a copy with
-    ``split`` set to its split's name; the input is not modified.
+    ``records``: :class:`VQARecord` objects, or a Hugging Face ``datasets.Dataset`` (converted
+    through the layouts by :func:`data.as_records`). ``sizes``: a dict ``{name: count}``, a
+    tuple of counts (3 counts are named sft/rl/test), fractions summing to at most 1, or None
+    (paper sizes or proportions). Records that share any image (every image of a record counts)
+    form one group; groups are shuffled with ``seed`` and each is put in the first split that
+    still has room for all of it; with one record per image the counts are exact. Each returned
+    record is a copy with ``split`` set to its split's name; the input is not modified.
     """
+    from .convert import as_records
+    records = as_records(records)
+    wrong = next((r for r in records if not isinstance(r, VQARecord)), None)
+    if wrong is not None:
+        raise TypeError(f"split_records needs data.VQARecord items (it groups them by their "
+                        f"image paths), got {type(wrong).__name__}; load the data with "
+                        "data.load_dataset")
     counts = _as_counts(sizes, len(records))
     groups = image_groups(sorted(records, key=lambda r: r.id))  # input order must not matter
     random.Random(seed).shuffle(groups)
@@ -107,7 +116,8 @@ def build_manifest(splits: dict[str, list]) -> dict:
     for name, records in splits.items():
         entries = []
         for record in records:
-            hashes = [cache.setdefault(p, file_sha256(p)) for p in record.images]
+            hashes = [cache[p] if p in cache else cache.setdefault(p, file_sha256(p))
+                      for p in record.images]
             entries.append({"id": record.id, "sha256": record_sha256(record, hashes),
                             "images": hashes})
         joined = "".join(e["sha256"] for e in entries)

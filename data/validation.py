@@ -10,11 +10,21 @@ reason                      when
 ``answer_not_in_options``   a multiple-choice answer (text or letter) matches no option
 ``missing_image``           an image path does not exist
 ``unreadable_image``        an image exists but Pillow cannot decode it
-``duplicate_id``            two records share an id
+``duplicate_id``            two records share an id (also across the files of a folder)
 ``unknown_column``          a field the layout does not know (typo guard); see
                             ``unknown_columns=`` in :func:`data.load_dataset`
 ``bad_value``               a value has the wrong type (e.g. options not a list)
+``bad_encoding``            a line or record holds bytes that are not UTF-8
+``image_outside_root``      a relative image path climbs out of ``image_root`` (``../x.png``)
+``answer_label_mismatch``   PMC-VQA: ``Answer`` and ``Answer_label`` name different options
+``multiple_answer_labels``  PMC-VQA: ``Answer_label`` names several options ("AB")
+``option_gap``              PMC-VQA: an empty choice before a filled one (letters would shift)
+``unresolved_answer``       R1: the solution resolves to none of the options parsed from the
+                            problem (or is a letter when the problem lists no options)
 ==========================  ==================================================================
+
+A file with no record at all raises ``empty_file``, and a load that keeps no record raises
+``empty_dataset`` (both even with ``skip_invalid=True``).
 """
 from __future__ import annotations
 
@@ -90,7 +100,9 @@ class Collector:
     keep: Callable[[VQARecord], str | None] | None = None  # returns a filter name to drop
     report: LoadReport = field(default_factory=LoadReport)
     records: list[VQARecord] = field(default_factory=list)
-    _seen: dict[str, str] = field(default_factory=dict)
+    # id -> (file, record) of its first use; pass one dict to the collectors of several files to
+    # reject ids repeated across them (the files of an OmniMedVQA folder)
+    seen: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.check_images not in CHECK_IMAGES:
@@ -108,16 +120,19 @@ class Collector:
                 self.report.filtered[dropped_by] += 1
                 return
             validate_record(record, where, self.check_images)
-            if record.id in self._seen:
+            if record.id in self.seen:
+                file, first = self.seen[record.id]
+                used_by = first if file == where.file else f"{file} {first}"
                 raise where.error("duplicate_id", "id", f"id {record.id!r} already used by "
-                                  f"{self._seen[record.id]}", "give every record a unique id "
-                                  "(or remove the duplicate record)")
+                                  f"{used_by}", "give every record a unique id (or remove the "
+                                  "duplicate record; load the files separately if they are "
+                                  "different datasets)")
         except DataError as error:
             if not self.skip_invalid:
                 raise
             self.report.skip(error)
             return
-        self._seen[record.id] = where.record
+        self.seen[record.id] = (where.file, where.record)
         self.records.append(record)
         self.report.n_kept += 1
 

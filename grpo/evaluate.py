@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from PIL import Image
 
+from data.convert import as_records
 from models.adapter import QwenVLAdapter
 from rewards import AccuracyReward, FormatReward
 from rewards.accuracy import LETTERS, resolve_option
@@ -173,7 +174,9 @@ def predict(model, adapter: QwenVLAdapter, records, *, batch_size: int = 32, max
             greedy: bool = True, temperature: float = 1.0, progress: bool = True,
             prompt_fn=default_prompt) -> list[Prediction]:
     """Generate one answer per record and score it (accuracy: ``rewards.AccuracyReward``, format:
-    ``rewards.FormatReward``)."""
+    ``rewards.FormatReward``). ``records``: a list of ``data.VQARecord`` / dict items or a Hugging
+    Face ``datasets.Dataset`` (``data.as_records``)."""
+    records = as_records(records)
     accuracy, fmt = AccuracyReward(), FormatReward()
     cfg = SimpleNamespace(max_completion_length=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0)
     device = next(model.parameters()).device
@@ -215,7 +218,9 @@ def evaluate(model, processor, records, image_ablation: bool = False, **kwargs) 
     """Evaluate ``model`` on ``records`` (keyword arguments: those of ``predict``). With
     ``image_ablation`` the records are answered a second time with grey images (``blank`` and
     ``visual_reliance`` of the result). When torch.distributed is initialised each rank answers a
-    shard and the results are gathered, so every rank returns the same."""
+    shard and the results are gathered, so every rank returns the same. ``records`` may be a
+    Hugging Face ``datasets.Dataset`` (converted by ``data.as_records``)."""
+    records = as_records(records)
     adapter = processor if isinstance(processor, QwenVLAdapter) else QwenVLAdapter(processor)
     result = summarize(_predict_all(model, adapter, records, **kwargs))
     if image_ablation and result.accuracy == 0 and result.format_rate == 0:

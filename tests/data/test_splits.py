@@ -60,3 +60,21 @@ def test_manifest_hashes_and_detects_changes(tmp_path):
         handle.write(b"!")
     with pytest.raises(ValueError, match=f"split 'test' record id '{victim.id}'"):
         verify_manifest(splits, str(tmp_path / "m" / "manifest.json"))
+
+
+def test_every_image_of_a_record_joins_its_group(tmp_path):
+    """r1 holds images a and b, r2 holds b and c, r3 holds c only: all three share images through
+    b and c, so they must land in one split, even though r1 and r3 share no image directly."""
+    paths = {}
+    for name in "abcde":
+        paths[name] = str(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    (tmp_path / "alias.png").symlink_to(tmp_path / "d.png")  # the same file under another name
+    rec = lambda i, names: VQARecord(id=i, images=[paths.get(n, str(tmp_path / n)) for n in names],  # noqa: E731
+                                     question="q", answer="a")
+    records = [rec("r1", "ab"), rec("r2", "bc"), rec("r3", "c"), rec("r4", ["d"]),
+               rec("r5", ["alias.png", "e"]), rec("r6", ["e"])]
+    for seed in range(6):
+        splits = split_records(records, {"x": 3, "y": 3}, seed=seed)
+        assert sorted(sorted(r.id for r in part) for part in splits.values()) == [
+            ["r1", "r2", "r3"], ["r4", "r5", "r6"]]
