@@ -1,5 +1,6 @@
 """Rewards for GRPO on vision-language models (PathVLM-R1): accuracy, format, and the
-cross-modal process reward scored by an LLM judge. See docs/rewards.md."""
+cross-modal process reward scored by an LLM judge, and DAPO's soft overlong punishment
+(``OverlongPenalty``, docs/algorithms.md). See docs/rewards.md."""
 from rewards.accuracy import AccuracyReward
 from rewards.base import AsyncReward, Reward, RewardError, RewardSample
 from rewards.format_reward import FormatReward
@@ -7,12 +8,13 @@ from rewards.judge.client import JudgeClient, JudgeError
 from rewards.judge.config import JudgeConfig
 from rewards.judge.parse import Verdict, VerdictError, parse_verdict
 from rewards.judge.prompt import PromptTemplate, default_template
+from rewards.overlong import OverlongPenalty
 from rewards.process import ProcessReward
 from rewards.runner import score_all
 
 __all__ = [
     "AccuracyReward", "AsyncReward", "FormatReward", "JudgeClient", "JudgeConfig", "JudgeError",
-    "ProcessReward", "PromptTemplate", "Reward", "RewardError", "RewardSample", "Verdict",
+    "OverlongPenalty", "ProcessReward", "PromptTemplate", "Reward", "RewardError", "RewardSample", "Verdict",
     "VerdictError", "default_template", "parse_verdict", "score_all", "start_local_judge",
 ]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 from rewards._loop import run_sync
 
@@ -29,6 +29,10 @@ class RewardSample:
     ``options`` are the option texts in letter order (A, B, C, ...); ``images`` hold paths, PIL
     images or encoded bytes; ``criteria`` are the facts a sound reasoning chain should contain
     (the paper's evaluation criteria); ``extra`` carries any other dataset columns untouched.
+    ``group`` optionally names the GRPO group (the prompt) the completion belongs to, e.g. its
+    prompt index in the step; rewards that judge a whole group at once
+    (``ProcessReward(group_judging=True)``) use it, and otherwise find groups as runs of
+    consecutive samples with the same prompt (see :func:`rewards.process.find_groups`).
     """
 
     question: str
@@ -39,6 +43,7 @@ class RewardSample:
     criteria: list[str] = field(default_factory=list)
     modality: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    group: Hashable | None = None
 
 
 class Reward:
@@ -84,6 +89,26 @@ class Reward:
     def metrics(self) -> dict[str, float]:
         """Extra metrics to log (e.g. the judge ledger); keys are already namespaced."""
         return {}
+
+    def preflight(self, sample: RewardSample) -> list:
+        """The trainer's check before its first rollout: what ``score_batch([sample])`` returns.
+
+        ``sample`` is built from the first dataset item with a placeholder completion in the
+        ``<think>...</think><answer>...</answer>`` format. The trainer checks the result like a
+        training batch's (one float or None, inside ``range``) and stops before any generation
+        when it is wrong or when this raises. Override it in a reward that talks to a service,
+        to check the service answers (see :meth:`rewards.ProcessReward.preflight`), and raise
+        :class:`RewardError` with a message naming the setting to fix; or in a reward whose
+        state changes with each call (a schedule), so that the check leaves it untouched."""
+        return self.score_batch([sample])
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of this reward (JSON-serialisable; never a secret), e.g. a
+        judge's usage ledger. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned, when a run resumes from a checkpoint."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, weight={self.weight!r})"

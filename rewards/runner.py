@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import math
 import numbers
+import reprlib
 from typing import TYPE_CHECKING, Sequence
 
 from rewards._loop import background_loop
@@ -13,25 +14,34 @@ if TYPE_CHECKING:
     import torch
 
 
-def _check(reward: Reward, values, n: int) -> list[float | None]:
-    """Exactly ``n`` values, each None or a finite real number inside ``reward.range``."""
+def contract_problem(reward: Reward, values, n: int) -> str | None:
+    """Why ``values`` breaks the reward contract for ``n`` samples (exactly ``n`` values, each None
+    or a finite real number inside ``reward.range``), or None when it keeps it."""
     if not isinstance(values, (list, tuple)):
-        raise RewardError(f"reward {reward.name!r} returned {type(values).__name__}; "
-                          "score_batch must return a list with one float or None per sample")
+        return (f"reward {reward.name!r} returned {type(values).__name__}; "
+                "score_batch must return a list with one float or None per sample")
     if len(values) != n:
-        raise RewardError(f"reward {reward.name!r} returned {len(values)} values for {n} samples; "
-                          "score_batch must return one float or None per sample")
+        return (f"reward {reward.name!r} returned {len(values)} values for {n} samples; "
+                "score_batch must return one float or None per sample")
     lo, hi = reward.range
     for i, v in enumerate(values):
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise RewardError(f"reward {reward.name!r} returned {type(v).__name__} for sample {i}; "
-                              "return a float, or None to abstain")
+            return (f"reward {reward.name!r} returned {type(v).__name__} for sample {i}; "
+                    "return a float, or None to abstain")
         if not math.isfinite(v) or not lo <= v <= hi:
-            raise RewardError(f"reward {reward.name!r} returned {v!r} for sample {i}, outside its declared "
-                              f"range [{lo}, {hi}]; fix the reward or set its `range` attribute "
-                              "(return None to abstain instead of NaN)")
+            return (f"reward {reward.name!r} returned {v!r} for sample {i}, outside its declared "
+                    f"range [{lo}, {hi}]; fix the reward or set its `range` attribute "
+                    "(return None to abstain instead of NaN)")
+    return None
+
+
+def _check(reward: Reward, values, n: int) -> list[float | None]:
+    """Exactly ``n`` values, each None or a finite real number inside ``reward.range``."""
+    problem = contract_problem(reward, values, n)
+    if problem is not None:
+        raise RewardError(problem)
     return [None if v is None else float(v) for v in values]
 
 
@@ -98,3 +108,24 @@ def _sync_batch(reward: Reward, samples: list[RewardSample]) -> list:
         raise
     except Exception as err:
         raise RewardError(f"reward {reward.name!r} raised {type(err).__name__}: {err}") from err
+
+
+def preflight_problems(rewards: Sequence[Reward], sample: RewardSample) -> list[str]:
+    """Each reward's :meth:`~rewards.Reward.preflight` on one sample: the problems found (a
+    reward that raised, or broke the contract of :func:`score_all` on a one-sample batch), each
+    naming the reward and what it returned or raised. An empty list: every reward is usable."""
+    problems = []
+    for reward in rewards:
+        label = f"reward {reward.name!r} ({type(reward).__name__})"
+        try:
+            values = reward.preflight(sample)
+        except RewardError as err:
+            problems.append(f"{label}: {err}")
+            continue
+        except Exception as err:
+            problems.append(f"{label} raised {type(err).__name__} on a one-sample batch: {err}")
+            continue
+        problem = contract_problem(reward, values, 1)
+        if problem is not None:
+            problems.append(f"{label} returned {reprlib.repr(values)} for a one-sample batch: {problem}")
+    return problems

@@ -27,8 +27,8 @@ class JudgeConfig:
         max_concurrency: requests in flight at once.
         requests_per_minute: at most this many requests (attempts) start in any 60 s window;
             None = unlimited.
-        max_retries: retries after the first attempt on 408/429/5xx, connection errors,
-            timeouts and unreadable bodies.
+        max_retries: retries after the first attempt on 408/409/425/429/500/502/503/504/529,
+            connection errors, timeouts and unreadable bodies.
         backoff_base / backoff_max / backoff_jitter: retry ``k`` waits
             ``min(backoff_max, backoff_base * 2**k)`` scaled by a random factor in
             ``[1 - backoff_jitter, 1]``; at least ``Retry-After`` when the server sends it.
@@ -43,7 +43,11 @@ class JudgeConfig:
             support it; some servers reject it).
         send_images / image_max_side: attach images as base64 ``image_url`` parts, downscaled
             so the longer side is at most ``image_max_side`` pixels.
-        max_response_bytes: larger bodies are treated as malformed.
+        max_response_bytes: a larger body fails the judgment at once (not retried: the same
+            request would get the same reply); counted as ``judge/fail/body_too_large``.
+        score_scale: the judge grades on ``0..score_scale`` (e.g. 10); scores are divided by it.
+            A score outside ``[0, 1]`` after the division (by more than 0.005) is refused.
+        group_max_tokens: ``max_tokens`` sent with a group judgment (one verdict per chain).
     """
 
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -67,13 +71,15 @@ class JudgeConfig:
     send_images: bool = True
     image_max_side: int = 768
     max_response_bytes: int = 4_000_000
+    score_scale: float = 1.0
+    group_max_tokens: int = 4096
 
     def __post_init__(self) -> None:
         self._check_url()
         if self.on_failure not in ON_FAILURE:
             raise ValueError(f"JudgeConfig.on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
         self._check_positive("timeout", "max_concurrency", "image_max_side", "max_tokens",
-                             "max_response_bytes")
+                             "max_response_bytes", "score_scale", "group_max_tokens")
         self._check_nonnegative("max_retries", "parse_retries", "backoff_base", "backoff_max",
                                 "max_retry_after", "temperature")
         if not 0.0 <= self.backoff_jitter <= 1.0:

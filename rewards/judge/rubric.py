@@ -66,6 +66,9 @@ value shows no correct knowledge.
 
 Instructions or fake scores inside the completion have no effect: only the criteria, the
 options, the reference and the reasoning's words are used.
+
+**Group prompts** (``$chains``, :func:`grade_group`): every chain is graded as above, on its own,
+and the reply is ``{"chains": [{"chain": k, "integrity", "knowledge", "rationale"}, ...]}``.
 """
 from __future__ import annotations
 
@@ -74,7 +77,8 @@ from dataclasses import dataclass
 
 from rewards.accuracy import AccuracyReward, resolve_option, resolve_yes_no
 from rewards.base import RewardSample
-from rewards.judge.prompt import parse_criteria, parse_options, parse_sections
+from rewards.judge.prompt import (parse_criteria, parse_group_sections, parse_options, parse_sections,
+                                  prompt_kind)
 from rewards.text import contains_phrase, last_answer, normalize, reasoning_text, words
 
 PENALTY = 0.4           # per missing step (integrity) or per error (knowledge), as in the paper
@@ -495,9 +499,27 @@ def grade(question: str, options: list[str] | None, reference: str, criteria: li
     return {"integrity": round(integrity, 4), "knowledge": round(knowledge, 4), "rationale": rationale[:900]}
 
 
+def grade_group(question: str, options: list[str] | None, reference: str, criteria: list[str],
+                chains: list[str]) -> dict:
+    """``{"chains": [{"chain": k, "integrity", "knowledge", "rationale"}, ...]}``, chain k = 1..n.
+
+    The rubric is absolute: each chain gets exactly the verdict :func:`grade` gives it alone, so
+    group and per-chain judging agree by construction (an LLM judge need not)."""
+    return {"chains": [{"chain": k, **grade(question, options, reference, criteria, chain)}
+                       for k, chain in enumerate(chains, 1)]}
+
+
 def grade_prompt(user_text: str) -> dict | None:
-    """Grade from a rendered judge prompt; None when the prompt has no delimited sections."""
-    sections = parse_sections(user_text)
+    """Grade from a rendered judge prompt, a single-completion or a group one (told apart by
+    :func:`rewards.judge.prompt.prompt_kind`); None when the prompt has no delimited sections."""
+    kind = prompt_kind(user_text)
+    if kind == "group":
+        group = parse_group_sections(user_text)
+        if group is None:
+            return None
+        return grade_group(group["QUESTION"], parse_options(group["OPTIONS"]), group["REFERENCE"],
+                           parse_criteria(group["CRITERIA"]), group["CHAINS"])
+    sections = parse_sections(user_text) if kind == "single" else None
     if sections is None:
         return None
     return grade(sections["QUESTION"], parse_options(sections["OPTIONS"]), sections["REFERENCE"],

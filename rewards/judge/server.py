@@ -6,7 +6,8 @@
 Prints ``JUDGE_URL=http://127.0.0.1:PORT/v1`` once listening; SIGTERM or SIGINT stops it
 cleanly. Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``.
 
-Backends: ``rubric`` (default) is the deterministic grader of :mod:`rewards.judge.rubric`;
+Backends: ``rubric`` (default) is the deterministic grader of :mod:`rewards.judge.rubric`
+(single-completion and group prompts alike);
 ``transformers`` serves any local chat checkpoint (``AutoModelForCausalLM`` + the tokenizer's
 chat template, greedy at temperature 0, one request at a time). ``--delay-ms`` adds a fixed
 latency to every reply (used by bench/judge_throughput.py to simulate a remote judge).
@@ -46,7 +47,9 @@ def _message_text(message: dict) -> str:
 
 
 class RubricBackend:
-    """Deterministic rubric grading of prompts rendered by :mod:`rewards.judge.prompt`."""
+    """Deterministic rubric grading of prompts rendered by :mod:`rewards.judge.prompt`: a
+    single-completion prompt gets one verdict object, a group prompt (``$chains``) gets
+    ``{"chains": [...]}`` with one verdict per chain."""
 
     name = "rubric"
 

@@ -4,11 +4,22 @@ Each request's prompt carries a script: ``FAULTS=429ra1,500,ok`` and ``ID=name``
 request for a given ID performs the n-th step (the last step repeats). Steps:
 
     ok | delayN (ms, then ok) | 429raN (Retry-After: N s) | 429 | 429date | 500 | 502 | 503 |
-    400 | 401 | malformed | truncated | drop | trickle | offformat | fenced | prose | clip |
-    nan | twoobj | emptychoices | nullcontent
+    529 | 400 | 401 | malformed | truncated | drop | trickle | offformat | fenced | prose | clip |
+    nan | twoobj | emptychoices | nullcontent | huge | hugestream | scaled | authorkeys |
+    rounding | slightlyover | echoauth | group | groupshort | grouplist | groupkeyed | groupover
 
-``ok`` replies with the scores in ``SCORES=a,b`` (default 0.5,0.5). ``GET /stats`` returns, per
-ID, the arrival times, the Authorization headers and the number of image parts received.
+``ok`` replies with the scores in ``SCORES=a,b`` (default 0.5,0.5). ``huge`` sends a 200 reply of
+about 30 kB (a valid verdict padded with a long rationale), ``hugestream`` the same without a
+Content-Length header (closing the connection at the end). ``scaled`` replies the scores times 10, ``authorkeys`` under
+``integrity_score``/``knowledge_score``; ``rounding`` replies 1.004 and -0.004, ``slightlyover``
+1.01 and 0.5; ``echoauth`` puts the request's Authorization header in a 0..10 verdict.
+Group steps read each chain section ``<<<CHAIN k id>>>`` of a group prompt and grade chain k
+with the ``CS=a,b`` written in its text (default 0.5,0.5): ``group`` replies
+``{"chains": [{"chain": k, ...}]}`` (chains listed in reverse order), ``grouplist`` a bare list
+without ids, ``groupkeyed`` an object keyed by chain number with the authors' key names,
+``groupshort`` leaves out the last chain, ``groupover`` grades chain 1 with integrity 7.
+``GET /stats`` returns, per ID, the arrival times, the Authorization headers and the number of
+image parts received.
 
     python tests/rewards/judge/fault_judge.py   # prints JUDGE_URL=http://127.0.0.1:PORT/v1
 """
@@ -80,6 +91,7 @@ class Handler(BaseHTTPRequestHandler):
             st["auth"].append(self.headers.get("Authorization"))
             st["images"].append(_images(body))
         scores = re.search(r"SCORES=([0-9.]+),([0-9.]+)", text)
+        self.text = text
         self.step(step, float(scores[1]) if scores else 0.5, float(scores[2]) if scores else 0.5)
 
     def step(self, step: str, a: float, b: float):
@@ -87,15 +99,32 @@ class Handler(BaseHTTPRequestHandler):
         if step.startswith("delay"):
             time.sleep(int(step[5:]) / 1000)
             step = "ok"
+        if step.startswith("group"):
+            return self._send(200, _chat(self.group_reply(step)))
         replies = {
             "ok": verdict, "offformat": "I would rate this answer highly!",
             "fenced": f"Here is my grade:\n```json\n{verdict}\n```", "prose": f"Verdict: {verdict} -- done.",
             "clip": '{"integrity": 7, "knowledge": -2}', "nan": '{"integrity": NaN, "knowledge": 0.5}',
             "twoobj": '{"integrity": 1, "knowledge": 1} and {"integrity": 0, "knowledge": 0}',
             "nullcontent": None,
+            "huge": json.dumps({"integrity": a, "knowledge": b, "rationale": "x" * 30_000}),
+            "scaled": json.dumps({"integrity": round(10 * a, 6), "knowledge": round(10 * b, 6)}),
+            "authorkeys": json.dumps({"integrity_score": a, "knowledge_score": b, "rationale": "authors' keys"}),
+            "rounding": '{"integrity": 1.004, "knowledge": -0.004}',
+            "slightlyover": '{"integrity": 1.01, "knowledge": 0.5}',
+            "echoauth": json.dumps({"integrity": 8, "knowledge": 6,
+                                    "rationale": f"seen {self.headers.get('Authorization')} " + "y" * 1000}),
         }
         if step in replies:
             return self._send(200, _chat(replies[step]))
+        if step == "hugestream":  # no Content-Length: the client only learns the size by reading
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(json.dumps(_chat(json.dumps({"integrity": a, "knowledge": b,
+                                                           "rationale": "x" * 30_000}))).encode())
+            self.wfile.flush()
+            return self._drop()
         if step.startswith("429ra"):
             return self._send(429, {"error": "slow down"}, headers={"Retry-After": step[5:]})
         if step == "429date":
@@ -125,6 +154,24 @@ class Handler(BaseHTTPRequestHandler):
         if step == "drop":
             return self._drop()
         raise ValueError(f"unknown fault step {step!r}")
+
+    def group_reply(self, step: str) -> str:
+        chains = re.findall(r"<<<CHAIN (\d+) ([0-9a-f]{16})>>>\n(.*?)\n<<<END CHAIN \1 \2>>>", self.text, re.DOTALL)
+        entries = []
+        for k, _, body in chains:
+            cs = re.search(r"CS=([0-9.]+),([0-9.]+)", body)
+            a, b = (float(cs[1]), float(cs[2])) if cs else (0.5, 0.5)
+            entries.append({"chain": int(k), "integrity": a, "knowledge": b, "rationale": f"chain {k}"})
+        if step == "groupshort":
+            entries = entries[:-1]
+        if step == "groupover":
+            entries[0]["integrity"] = 7
+        if step == "grouplist":
+            return json.dumps([{key: e[key] for key in ("integrity", "knowledge")} for e in entries])
+        if step == "groupkeyed":
+            return json.dumps({str(e["chain"]): {"integrity_score": e["integrity"], "knowledge_score": e["knowledge"]}
+                               for e in entries})
+        return json.dumps({"chains": entries[::-1]})
 
     def _drop(self):
         self.close_connection = True

@@ -31,7 +31,7 @@ def run(reward_, samples):
 
 @pytest.mark.parametrize("faults", [
     "500,502,503,ok", "malformed,truncated,drop,ok", "emptychoices,nullcontent,ok", "429,ok",
-    "fenced", "prose",
+    "fenced", "prose", "529,529,ok", "authorkeys",
 ])
 def test_transient_faults_are_retried_until_success(fault_server, faults):
     r = reward(fault_server.url)
@@ -41,7 +41,7 @@ def test_transient_faults_are_retried_until_success(fault_server, faults):
     m = r.metrics()
     assert m["judge/requests"] == expected_requests and m["judge/retries"] == expected_requests - 1
     assert m["judge/successes"] == 1 and m["judge/failures"] == 0
-    paid = sum(step in ("ok", "nullcontent", "fenced", "prose") for step in faults.split(","))
+    paid = sum(step in ("ok", "nullcontent", "fenced", "prose", "authorkeys") for step in faults.split(","))
     assert (m["judge/prompt_tokens"], m["judge/completion_tokens"]) == (10 * paid, 5 * paid)  # usage of 200s
     assert len(fault_stats(fault_server.url)[ident]["times"]) == expected_requests
 
@@ -91,13 +91,59 @@ def test_client_errors_are_not_retried_and_huge_retry_after_gives_up(fault_serve
 
 @pytest.mark.parametrize("faults,parse_retries,expected,requests", [
     ("offformat,ok", 1, 0.7, 2), ("offformat", 1, None, 2), ("nan", 0, None, 1), ("twoobj", 0, None, 1),
-    ("clip", 0, 0.5, 1),
+    ("clip,ok", 1, None, 1), ("slightlyover,ok", 1, None, 1), ("rounding", 0, 0.5, 1),
 ])
 def test_unusable_verdicts(fault_server, faults, parse_retries, expected, requests):
     r = reward(fault_server.url, parse_retries=parse_retries)
     out = run(r, [sample("v" + faults.replace(",", "_") + str(parse_retries), faults)])
     assert out == [expected if expected is None else pytest.approx(expected)]
     assert r.metrics()["judge/requests"] == requests
+
+
+def test_out_of_range_score_abstains_at_once_with_its_own_metric_and_a_warning(fault_server, caplog, monkeypatch):
+    # A judge grading 0..10 replies {"integrity": 8, "knowledge": 6}: refused, not clipped to
+    # full reward, and not re-asked (it would answer on the same scale again).
+    secret = "sk-OUTOFRANGE-77aa"
+    monkeypatch.setenv("JUDGE_API_KEY", secret)
+    caplog.set_level(logging.WARNING, logger="rewards.judge")
+    r = reward(fault_server.url, model="grader-0to10", parse_retries=2)
+    assert run(r, [sample("oor1", "echoauth")]) == [None]   # replies {"integrity": 8, "knowledge": 6, ...}
+    assert run(r, [sample("oor2", "clip")]) == [None]       # replies {"integrity": 7, "knowledge": -2}
+    m = r.metrics()
+    assert (m["judge/requests"], m["judge/out_of_range"], m["judge/fail/out_of_range"]) == (2, 2, 2)
+    assert m["judge/parse_failures"] == 0 and m["judge/retries"] == 0
+    warnings = [rec.getMessage() for rec in caplog.records if "Example reply" in rec.getMessage()]
+    assert len(warnings) == 1  # the first refusal warns; later ones only count (every 100th warns again)
+    assert "'grader-0to10'" in warnings[0] and "score_scale" in warnings[0]
+    assert '{"integrity": 8, "knowledge": 6, "rationale": "seen Bearer [redacted] yyy' in warnings[0]
+    # the example is truncated (the reply has 1000 y's) and the echoed key never reaches the log
+    assert "y" * 400 not in caplog.text and secret not in caplog.text
+    # the same judge declared with its scale is read correctly: 8/10 and 6/10
+    scaled = reward(fault_server.url, score_scale=10)
+    assert run(scaled, [sample("oor3", "scaled"), sample("oor4", "echoauth")]) == [pytest.approx(0.7)] * 2
+    assert scaled.metrics()["judge/out_of_range"] == 0
+
+
+def test_529_overloaded_is_retried_like_503(fault_server):
+    r = reward(fault_server.url, max_retries=1)
+    assert run(r, [sample("o529", "529")]) == [None]
+    m = r.metrics()
+    assert (m["judge/requests"], m["judge/retries"], m["judge/fail/http_529"]) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("faults", ["huge,ok", "hugestream,ok"])  # announced / found while reading
+def test_oversize_reply_is_not_retried(fault_server, faults, caplog):
+    ident = "big" + faults.split(",")[0]
+    r = reward(fault_server.url, max_response_bytes=20_000, max_retries=3, parse_retries=2)
+    assert run(r, [sample(ident, faults)]) == [None]
+    how = "bytes announced" if faults.startswith("huge,") else "over 20000 bytes received"
+    assert f"judge failed (body_too_large): reply " in caplog.text and how in caplog.text
+    m = r.metrics()
+    assert (m["judge/requests"], m["judge/retries"], m["judge/fail/body_too_large"]) == (1, 0, 1)
+    assert len(fault_stats(fault_server.url)[ident]["times"]) == 1   # the server saw one request
+    # the same reply under a limit it fits in is a valid verdict
+    roomy = reward(fault_server.url, max_response_bytes=200_000)
+    assert run(roomy, [sample("ok" + ident, faults.split(",")[0])]) == [pytest.approx(0.7)]
 
 
 def test_cache_and_inflight_dedup(fault_server, tmp_path):
@@ -133,10 +179,11 @@ def test_mixed_faults_batch_never_raises_never_nan(fault_server):
     col = scores[:, 0].tolist()
     abstained = [i for i, v in enumerate(col) if math.isnan(v)]
     plan_of = [plans[i % len(plans)] for i in range(40)]
-    assert {plan_of[i] for i in abstained} == {"malformed", "offformat", "truncated", "503", "twoobj"}
+    assert {plan_of[i] for i in abstained} == {"malformed", "offformat", "truncated", "503", "twoobj", "clip"}
     assert all(0.0 <= v <= 1.0 for v in col if not math.isnan(v))
-    assert metrics["reward/process/abstain_rate"] == 0.5 and values["judge/failures"] == 20
-    assert metrics["reward/process/mean"] == pytest.approx((4 * 0.7 * 4 + 4 * 0.5) / 20)
+    assert metrics["reward/process/abstain_rate"] == 0.6 and values["judge/failures"] == 24
+    assert values["judge/out_of_range"] == 4 and values["judge/fail/out_of_range"] == 4
+    assert metrics["reward/process/mean"] == pytest.approx(0.7)  # the 16 kept: ok and retried-to-ok
 
 
 def test_images_are_sent_downscaled(fault_server):

@@ -12,7 +12,7 @@ from rewards.judge.images import encode_image
 from rewards.judge.cache import JudgmentCache
 from rewards.judge.client import parse_retry_after
 from rewards.judge.ratelimit import RateLimiter
-from rewards.judge.parse import Verdict
+from rewards.judge.parse import SCORE_TOLERANCE, ScoreOutOfRange, Verdict
 from rewards.judge.prompt import parse_criteria, parse_options, parse_sections, render_user_text
 from rewards.judge.rubric import grade, grade_prompt
 
@@ -28,9 +28,46 @@ def test_accepted_reply_shapes(reply):
     assert (v.integrity, v.knowledge, v.score) == (0.8, 0.6, pytest.approx(0.7))
 
 
-def test_scores_are_clipped():
-    v = parse_verdict('{"integrity": 7, "knowledge": -2}')
+@pytest.mark.parametrize("reply", ['{"integrity": 7, "knowledge": -2}', '{"integrity": 0.5, "knowledge": 1.006}',
+                                   '{"integrity": -0.0051, "knowledge": 0.5}', '{"integrity": 10, "knowledge": 10}'])
+def test_scores_outside_0_1_beyond_rounding_are_refused(reply):
+    # a judge grading 0..10 must not silently earn full reward (it used to be clipped to 1)
+    with pytest.raises(ScoreOutOfRange, match="outside \\[0, 1\\].*score_scale"):
+        parse_verdict(reply)
+
+
+def test_scores_within_rounding_tolerance_are_clipped():
+    assert SCORE_TOLERANCE == 0.005
+    v = parse_verdict('{"integrity": 1.004, "knowledge": -0.004}')
     assert (v.integrity, v.knowledge, v.score) == (1.0, 0.0, 0.5)
+    v = parse_verdict('{"integrity": 1.005, "knowledge": 0}')   # the edge itself is rounding
+    assert (v.integrity, v.knowledge) == (1.0, 0.0)
+
+
+def test_score_scale_divides_and_checks_the_range_after_dividing():
+    v = parse_verdict('{"integrity": 7, "knowledge": 4}', scale=10)
+    assert (v.integrity, v.knowledge, v.score) == (0.7, 0.4, pytest.approx(0.55))
+    v = parse_verdict('{"integrity": 10.04, "knowledge": 0}', scale=10)      # 1.004: rounding
+    assert v.integrity == 1.0
+    with pytest.raises(ScoreOutOfRange, match="'integrity' is 10.1/10 = 1.01, outside"):
+        parse_verdict('{"integrity": 10.1, "knowledge": 0}', scale=10)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        parse_verdict(V, scale=0)
+
+
+@pytest.mark.parametrize("reply", [
+    '{"integrity_score": 0.8, "knowledge_score": 0.6, "rationale": "ok"}',
+    'The verdict: {"Integrity_Score": 0.8, "knowledge_score": "0.6"} end',
+    '{"integrity": 0.8, "integrity_score": 0.8, "knowledge_score": 0.6}',     # both spellings, agreeing
+])
+def test_authors_score_keys_are_accepted(reply):
+    v = parse_verdict(reply)
+    assert (v.integrity, v.knowledge, v.score) == (0.8, 0.6, pytest.approx(0.7))
+
+
+def test_disagreeing_key_spellings_are_refused():
+    with pytest.raises(VerdictError, match="'integrity' and 'integrity_score' disagree"):
+        parse_verdict('{"integrity": 0.8, "integrity_score": 0.2, "knowledge": 0.6}')
 
 
 @pytest.mark.parametrize("reply,reason", [
@@ -113,6 +150,14 @@ def test_cache_persists_across_instances(tmp_path):
     cache.close()
     again = JudgmentCache(path)
     assert again.get("k1") == Verdict(0.25, 0.75, "r") and again.get("k2") is None and len(again) == 1
+
+
+def test_cache_key_includes_the_score_scale_only_when_it_is_not_1():
+    from rewards.judge.cache import cache_key
+    kw = dict(prompt_version="v", prompt_fingerprint="f", model="m", image_hashes=[], question="q", options=None,
+              completion="c", reference="r", criteria=[])
+    assert cache_key(**kw) == cache_key(**kw, scale=1.0)          # keys made before score_scale stay valid
+    assert cache_key(**kw, scale=10) != cache_key(**kw)
 
 
 def test_config_errors_name_the_field():
