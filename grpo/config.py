@@ -41,6 +41,7 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "auto" = latest in output_dir
     deepspeed: str | None = None        # path to a DeepSpeed JSON config; None = plain PyTorch
     progress_bar: bool = True
+    preflight: bool = True              # check output folder, rewards and judge before the first rollout
 
     def __post_init__(self):
         errors = validate(self)
@@ -74,7 +75,9 @@ class GRPOConfig(TrainingConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                      # 0 = off
-    mask_truncated_completions: bool = False  # drop completions that never emitted EOS from the loss
+    mask_truncated_completions: bool = False  # drop completions that never emitted EOS from the loss (DAPO overlong filtering)
+    dynamic_sampling: bool = False      # DAPO: drop groups whose rewards all agree, sample more prompts to refill
+    max_resample_rounds: int = 3        # extra generation rounds per step at most; then zero-std groups fill the batch
     # --- objective ---
     beta: float = 0.04                  # KL coefficient (paper: 0.04); 0 = no reference model
     kl_estimator: str = "k3"            # "k1", "k2", "k3" (paper: k3); any name in core.KL_ESTIMATORS
@@ -88,6 +91,11 @@ class GRPOConfig(TrainingConfig):
     advantage_eps: float = 1e-4
     loss_aggregation: str = "seq_mean_token_mean"  # or "token_mean" (DAPO), "seq_mean_token_sum_norm" (Dr. GRPO)
     reward_weights: tuple[float, ...] | None = None  # None: each reward's own .weight
+    reward_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO: z-score each reward per group first)
+    # --- entropy ---
+    entropy_top_k: int = 20             # also log the entropy of the k most likely tokens' distribution; 0 = off
+    entropy_coef: float = 0.0           # entropy bonus: the loss gets -entropy_coef * H per token; 0 = off
+    top_entropy_quantile: float = 1.0   # only this top fraction of tokens by entropy gets the policy gradient (1 = all)
     log_completions: int = 0            # write this many sample completions per step to completions.jsonl
     # --- judge outages ---
     max_abstain_rate: float | None = None  # stop (AbstainRateError) when a reward's abstain rate,
@@ -125,6 +133,7 @@ _CHOICES = {
     "ratio_level": core.RATIO_LEVELS,
     "advantage_scale": core.ADVANTAGE_SCALES,
     "loss_aggregation": core.LOSS_AGGREGATIONS,
+    "reward_aggregation": core.REWARD_AGGREGATIONS,
 }
 
 
@@ -247,4 +256,19 @@ def _grpo_errors(cfg: GRPOConfig) -> list[str]:
                       f"to never stop on abstentions")
     if cfg.abstain_window < 1:
         errors.append(f"abstain_window={cfg.abstain_window}: must be >= 1 generation round")
+    if cfg.max_resample_rounds < 0:
+        errors.append(f"max_resample_rounds={cfg.max_resample_rounds}: must be >= 0 extra generation rounds")
+    if cfg.entropy_top_k < 0:
+        errors.append(f"entropy_top_k={cfg.entropy_top_k}: must be >= 0 (0 = off)")
+    if cfg.entropy_coef < 0:
+        errors.append(f"entropy_coef={cfg.entropy_coef}: must be >= 0 (0 = no entropy bonus)")
+    if not 0 < cfg.top_entropy_quantile <= 1:
+        errors.append(f"top_entropy_quantile={cfg.top_entropy_quantile}: must be in (0, 1], e.g. 0.2 for the "
+                      f"top 20 % of tokens by entropy; 1.0 = every token")
+    if getattr(core.REWARD_AGGREGATIONS[cfg.reward_aggregation], "normalizes_within_group", False) \
+            and cfg.advantage_scale == "group":
+        allowed = [n for n in core.ADVANTAGE_SCALES.canonical if n != "group"]
+        errors.append(f"reward_aggregation={cfg.reward_aggregation!r} already normalises each reward within its "
+                      f"group; advantage_scale={cfg.advantage_scale!r} would normalise the sum again: choose "
+                      f"advantage_scale one of {', '.join(allowed)} (batch = GDPO / TRL)")
     return errors

@@ -10,12 +10,17 @@ validation accepts exactly the registered names; never an if-chain (the layout o
 Sections, in the order one step uses them:
 
 1. registries           ``Registry``, ``lookup``
-2. rewards, advantages  ``combine_rewards``, ``group_advantages``          (``ADVANTAGE_SCALES``)
+2. rewards, advantages  ``combine_rewards``, ``aggregate_rewards``       (``REWARD_AGGREGATIONS``),
+                        ``group_advantages``                             (``ADVANTAGE_SCALES``),
+                        ``advantage_contributions``, ``advantage_shares``
+2b. dynamic sampling    ``zero_std_groups``, ``select_groups``           (DAPO)
 3. token log-probs      ``token_logprobs_from_hidden``: chunked log-softmax over the output head
+                        (entropy, optionally differentiable; entropy of the top-k tokens)
+3b. entropy selection   ``entropy_threshold``, ``high_entropy_mask``     (80/20, arXiv 2506.01939)
 4. masked reductions    ``masked_sum``, ``masked_mean``
 5. KL estimators        ``kl_penalty``                                    (``KL_ESTIMATORS``)
 6. importance ratios    ``importance_ratio``                              (``RATIO_LEVELS``)
-7. clipped surrogate    ``clipped_surrogate``, ``policy_loss``, ``grpo_token_loss``
+7. clipped surrogate    ``clipped_surrogate``, ``policy_loss``, ``grpo_token_loss`` (+ entropy bonus)
 8. loss aggregation     ``aggregate_loss``                                (``LOSS_AGGREGATIONS``)
 9. LR schedules         multiplier on the base learning rate               (``LR_SCHEDULES``)
 
@@ -26,14 +31,15 @@ neither a loss nor its gradient is polluted. NaN in a reward tensor means "absta
 judge call failed). Metrics are detached 0-dim tensors (no host sync; all-reduce friendly).
 
 Formulas, conventions and references: docs/algorithms.md. GRPO, DeepSeekMath arXiv 2402.03300;
-PPO clipping arXiv 1707.06347; DAPO (clip-higher, token-level loss) arXiv 2503.14476; Dr. GRPO
-arXiv 2503.20783; GSPO arXiv 2507.18071; dual-clip PPO arXiv 1912.09729; k1/k2/k3 from
-J. Schulman, "Approximating KL divergence" (joschu.net/blog/kl-approx.html, 2020).
+PPO clipping arXiv 1707.06347; DAPO (clip-higher, token-level loss, dynamic sampling) arXiv
+2503.14476; Dr. GRPO arXiv 2503.20783; GSPO arXiv 2507.18071; dual-clip PPO arXiv 1912.09729; GDPO
+(per-reward normalisation) arXiv 2601.05242; high-entropy tokens ("Beyond the 80/20 Rule") arXiv
+2506.01939; k1/k2/k3 from J. Schulman, "Approximating KL divergence" (joschu.net/blog/kl-approx.html).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +47,13 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "Registry", "lookup",
-    "ADVANTAGE_SCALES", "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_AGGREGATIONS", "LR_SCHEDULES",
-    "register_advantage_scale", "register_kl_estimator", "register_ratio_level", "register_loss_aggregation",
-    "combine_rewards", "group_advantages", "token_logprobs_from_hidden", "MAX_CHUNK_LOGITS",
+    "ADVANTAGE_SCALES", "REWARD_AGGREGATIONS", "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_AGGREGATIONS",
+    "LR_SCHEDULES",
+    "register_advantage_scale", "register_reward_aggregation", "register_kl_estimator", "register_ratio_level",
+    "register_loss_aggregation",
+    "combine_rewards", "aggregate_rewards", "group_advantages", "advantage_contributions", "advantage_shares",
+    "nan_mean_std", "zero_std_groups", "select_groups",
+    "token_logprobs_from_hidden", "MAX_CHUNK_LOGITS", "entropy_threshold", "high_entropy_mask",
     "masked_sum", "masked_mean", "kl_penalty", "importance_ratio", "clipped_surrogate", "policy_loss",
     "grpo_token_loss", "aggregate_loss",
 ]
@@ -85,18 +95,23 @@ def lookup(registry: Registry, name: str):
         raise ValueError(f"unknown {registry.what} {name!r}; valid names: {sorted(registry)}") from None
 
 
-# name -> fn(centred (B, G), group_std (B, 1), batch_std (), eps) -> adv (B, G)
+# name -> fn(centred (B, G, ...), group_std (B, 1, ...), batch_std (), eps) -> adv, same shape as centred.
+# Must be linear in ``centred`` (advantage_contributions relies on it; all registered scales are).
 ADVANTAGE_SCALES = Registry("advantage scale")
+# name -> fn(rewards (B, G, R), weights (R,), eps) -> terms (B, G, R): the weighted per-reward terms
+# whose NaN-aware sum over R is the reward the advantage is computed on; NaN where abstained
+REWARD_AGGREGATIONS = Registry("reward aggregation")
 # name -> fn(logp (N, T), ref_logp (N, T), clamp) -> kl (N, T)
 KL_ESTIMATORS = Registry("KL estimator")
 # name -> fn(log_ratio (N, T), logp (N, T), mask (N, T) bool) -> log ratio used per token (N, T)
 RATIO_LEVELS = Registry("ratio level")
-# name -> fn(loss (N, T), mask (N, T) bool, *, num_tokens, num_sequences, max_completion_length) -> ()
+# name -> fn(loss (N, T), mask (N, T) bool, *, num_tokens, num_sequences, max_completion_length, num_rows) -> ()
 LOSS_AGGREGATIONS = Registry("loss aggregation")
 # name -> fn(progress: float, 0 at the end of warm-up, 1 at max_steps) -> multiplier on the base LR
 LR_SCHEDULES = Registry("lr scheduler")
 
 register_advantage_scale = ADVANTAGE_SCALES.register    # decorator: @register_advantage_scale("name")
+register_reward_aggregation = REWARD_AGGREGATIONS.register
 register_kl_estimator = KL_ESTIMATORS.register
 register_ratio_level = RATIO_LEVELS.register
 register_loss_aggregation = LOSS_AGGREGATIONS.register
@@ -161,6 +176,89 @@ def _nan_std(x: Tensor, valid: Tensor, dim=None, keepdim=False) -> Tuple[Tensor,
     return mean, std, n
 
 
+def _no_spread(x: Tensor, valid: Tensor, dim: int) -> Tensor:
+    """True (kept dim) where the valid entries of ``x`` along ``dim`` are all equal, or fewer than
+    two. Compares max and min, not the std: (r - mean) can be ~1e-9 instead of 0 in floating point."""
+    big = torch.finfo(x.dtype).max
+    hi = torch.where(valid, x, torch.full_like(x, -big)).amax(dim=dim, keepdim=True)
+    lo = torch.where(valid, x, torch.full_like(x, big)).amin(dim=dim, keepdim=True)
+    return (hi <= lo) | (valid.sum(dim=dim, keepdim=True) < 2)
+
+
+def nan_mean_std(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and unbiased std over the non-NaN entries of ``x`` (any shape) -> two 0-dim tensors.
+    The std is 0 with fewer than two entries, the mean 0 with none."""
+    mean, std, _ = _nan_std(x, ~torch.isnan(x))
+    return mean, std
+
+
+def zero_std_groups(rewards: Tensor) -> Tensor:
+    """Groups without learning signal.
+
+    Args:
+        rewards: ``(B, G)``, the reward the advantage is computed on (``aggregate_rewards``'s
+            ``combined``); NaN = abstained.
+
+    Returns:
+        ``(B,)`` bool, True where the group's valid rewards are all equal or fewer than two: the
+        groups :func:`group_advantages` gives advantage exactly 0 and DAPO's dynamic sampling drops.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (B, G), got shape {tuple(rewards.shape)}")
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    return _no_spread(r, ~torch.isnan(r), dim=1).squeeze(1)
+
+
+@register_reward_aggregation("sum_then_normalize")
+def _agg_sum_then_normalize(rewards: Tensor, weights: Tensor, eps: float) -> Tensor:
+    # GRPO as published (and TRL's default): the weighted raw rewards; group_advantages normalises their sum.
+    return rewards * weights.to(rewards.dtype)
+
+
+@register_reward_aggregation("normalize_then_sum", "gdpo")
+def _agg_normalize_then_sum(rewards: Tensor, weights: Tensor, eps: float) -> Tensor:
+    # GDPO (arXiv 2601.05242; TRL multi_objective_aggregation="normalize_then_sum"): each reward is
+    # z-scored within its group over its own non-abstained entries, then weighted. A reward without
+    # spread in a group (or with < 2 entries) contributes exactly 0 there.
+    valid = ~torch.isnan(rewards)                                               # (B, G, R)
+    mean, std, _ = _nan_std(rewards, valid, dim=1, keepdim=True)                # (B, 1, R)
+    z = (torch.where(valid, rewards, mean) - mean) / (std + eps)                # (B, G, R)
+    z = torch.where(_no_spread(rewards, valid, dim=1), torch.zeros_like(z), z)
+    z = torch.where(valid, z, torch.full_like(z, float("nan")))
+    return z * weights.to(rewards.dtype)
+
+
+_agg_normalize_then_sum.normalizes_within_group = True  # config: the advantage must not re-normalise per group
+
+
+@torch.no_grad()
+def aggregate_rewards(rewards: Tensor, weights: Tensor, mode: str = "sum_then_normalize",
+                      eps: float = 1e-4) -> Tuple[Tensor, Tensor]:
+    """Several rewards -> the one reward per sample that advantages are computed on.
+
+    Args:
+        rewards: ``(B, G, R)``: B groups x G samples x R reward functions, NaN = abstained.
+        weights: ``(R,)``.
+        mode: name in ``REWARD_AGGREGATIONS``: "sum_then_normalize" (weighted sum of the raw
+            rewards, :func:`combine_rewards`) or "normalize_then_sum" (alias "gdpo": each reward
+            z-scored within its group first, ``(r - mean) / (std + eps)``, unbiased std).
+        eps: the z-score's ``eps`` (normalize_then_sum).
+
+    Returns:
+        combined: ``(B, G)``, the NaN-aware sum over R of ``terms``; NaN where every reward abstained.
+        terms: ``(B, G, R)``, each reward's weighted term (NaN where it abstained), for
+            :func:`advantage_contributions`.
+    """
+    if rewards.dim() != 3 or weights.dim() != 1 or weights.shape[0] != rewards.shape[2]:
+        raise ValueError(f"need rewards (B, G, R) and weights (R,), got {tuple(rewards.shape)} and {tuple(weights.shape)}")
+    fn = lookup(REWARD_AGGREGATIONS, mode)
+    r = rewards if rewards.is_floating_point() else rewards.float()
+    terms = fn(r, weights, eps)                                                 # (B, G, R)
+    valid = ~torch.isnan(terms)
+    combined = torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)       # (B, G)
+    return torch.where(valid.any(-1), combined, torch.full_like(combined, float("nan"))), terms
+
+
 @torch.no_grad()
 def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Group-relative advantages.
@@ -188,10 +286,7 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
     centred = torch.where(valid, r - mean_g, torch.zeros_like(r))  # (B, G)
     adv = fn(centred, std_g, std_b, eps)                         # (B, G)
     # A group without spread must give exactly 0: (r - mean) can be ~1e-9 instead of 0 in floating point.
-    big = torch.finfo(r.dtype).max
-    hi = torch.where(valid, r, torch.full_like(r, -big)).amax(dim=1, keepdim=True)  # (B, 1)
-    lo = torch.where(valid, r, torch.full_like(r, big)).amin(dim=1, keepdim=True)   # (B, 1)
-    flat = (hi <= lo) | (n_g < 2)                                # (B, 1)
+    flat = _no_spread(r, valid, dim=1)                           # (B, 1)
     adv = torch.where(valid & ~flat, adv, torch.zeros_like(adv))
     metrics = {
         "frac_zero_std_groups": flat.float().mean(),
@@ -200,6 +295,77 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
         "abstain_frac": (~valid).float().mean(),
     }
     return adv, metrics
+
+
+@torch.no_grad()
+def advantage_contributions(terms: Tensor, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """How much of each sample's advantage each reward contributes.
+
+    Args:
+        terms: ``(B, G, R)`` per-reward terms of :func:`aggregate_rewards` (NaN = abstained).
+        scale, eps: as in :func:`group_advantages`.
+
+    Returns:
+        ``(B, G, R)``: the centring and the scaling of :func:`group_advantages` applied to each
+        reward's term separately (both are linear), so that ``sum over R`` equals
+        ``group_advantages(combined, scale, eps)`` with ``combined`` the NaN-aware sum of ``terms``.
+        An abstained term counts 0; samples where every reward abstained and groups without
+        spread get 0 for every reward (their advantage is exactly 0).
+    """
+    if terms.dim() != 3:
+        raise ValueError(f"terms must be (B, G, R), got shape {tuple(terms.shape)}")
+    fn = lookup(ADVANTAGE_SCALES, scale)
+    t = terms if terms.is_floating_point() else terms.float()
+    valid = ~torch.isnan(t)                                                     # (B, G, R)
+    row = valid.any(-1)                                                         # (B, G): has a combined reward
+    t = torch.where(valid & row.unsqueeze(-1), t, torch.zeros_like(t))          # (B, G, R)
+    combined = torch.where(row, t.sum(-1), torch.full_like(row, float("nan"), dtype=t.dtype))  # (B, G)
+    n = row.sum(1, keepdim=True).clamp(min=1).to(t.dtype).unsqueeze(-1)         # (B, 1, 1)
+    centred = torch.where(row.unsqueeze(-1), t - t.sum(1, keepdim=True) / n, torch.zeros_like(t))
+    _, std_g, _ = _nan_std(combined, row, dim=1, keepdim=True)                  # (B, 1)
+    _, std_b, _ = _nan_std(combined, row)                                       # ()
+    contrib = fn(centred, std_g.unsqueeze(-1), std_b, eps)                      # (B, G, R)
+    keep = row & ~_no_spread(combined, row, dim=1)                              # (B, G)
+    return torch.where(keep.unsqueeze(-1), contrib, torch.zeros_like(contrib))
+
+
+def advantage_shares(contributions: Tensor) -> Tensor:
+    """``(..., R)`` contributions (:func:`advantage_contributions`) -> ``(R,)``: each reward's
+    share of the total absolute advantage, ``sum_samples |c_r| / sum_{samples, r'} |c_r'|``
+    (sums to 1); NaN when no sample has an advantage."""
+    per_reward = contributions.abs().reshape(-1, contributions.shape[-1]).sum(0)  # (R,)
+    total = per_reward.sum()
+    return torch.where(total > 0, per_reward / total.clamp(min=torch.finfo(per_reward.dtype).tiny),
+                       torch.full_like(per_reward, float("nan")))
+
+
+# =========================================================================== 2b. dynamic sampling
+# DAPO (arXiv 2503.14476, Sec. 3.2): groups whose rewards all agree give zero advantage, hence no
+# gradient, and shrink the effective batch. They are dropped and more prompts are sampled until the
+# batch holds the configured number of informative groups (the trainer's loop, which keeps the ranks
+# in step, is grpo.rollout.sample_informative_groups; the choice of groups is this function).
+
+def select_groups(informative: Sequence[Tensor], needed: int) -> Tuple[List[Tuple[int, int]], int]:
+    """The groups of a dynamic-sampling batch.
+
+    Args:
+        informative: one ``(B_a,)`` bool tensor per generation attempt, in the order generated
+            (attempt 0 = the round's own prompts); True = the group has reward spread
+            (``~zero_std_groups``).
+        needed: how many groups the batch holds (B).
+
+    Returns:
+        picks: ``needed`` pairs ``(attempt, group)``, sorted in generation order: the first
+            ``needed`` informative groups; if there are fewer, the first uninformative groups fill
+            the rest (their advantage is 0: they keep the batch size without adding signal).
+        filled: how many uninformative groups were used.
+    """
+    flags = [(a, g, bool(f)) for a, inf in enumerate(informative) for g, f in enumerate(inf.tolist())]
+    if len(flags) < needed:
+        raise ValueError(f"{len(flags)} groups generated, {needed} needed")
+    good = [(a, g) for a, g, f in flags if f][:needed]
+    filler = [(a, g) for a, g, f in flags if not f][:needed - len(good)]
+    return sorted(good + filler), len(filler)
 
 
 # =========================================================================== 3. token log-probs
@@ -218,24 +384,37 @@ def _out_features(head: nn.Module) -> int:
     return int(size) if size else 1
 
 
-def _head_chunk(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float):
-    """hidden (R, H), ids (R,) -> (log-prob of ids (R,), entropy (R,)), logits scaled by 1/temperature.
+def _head_chunk(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float, entropy_grad: bool = False,
+                top_k: int = 0):
+    """hidden (R, H), ids (R,) -> (log-prob of ids (R,), entropy (R,)[, top-k entropy (R,)]), logits
+    scaled by 1/temperature.
 
-    At most two (R, V) buffers live at once (the logits and one work buffer: logsumexp's, then the
-    entropy's, filled in place), so the head's peak stays about 2 x R x V x 4 bytes."""
+    Without ``entropy_grad`` at most two (R, V) buffers live at once (the logits and one work
+    buffer: logsumexp's, then the entropy's, filled in place), so the head's peak stays about
+    2 x R x V x 4 bytes; with it, autograd keeps the probabilities too."""
     logits = head(hidden).float()                                        # (R, V)
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)                                # (R,)
     logp = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse        # (R,)
-    with torch.no_grad():  # entropy is a metric; no gradient through it
-        plogp = (logits - lse.unsqueeze(-1)).exp_().mul_(logits)         # p * logit, in place
-        entropy = lse - plogp.sum(-1)
-    return logp, entropy
+    if entropy_grad:  # the entropy bonus differentiates H = lse - sum_v p_v z_v
+        entropy = lse - ((logits - lse.unsqueeze(-1)).exp() * logits).sum(-1)
+    else:
+        with torch.no_grad():  # a metric: no gradient, computed in place
+            plogp = (logits - lse.unsqueeze(-1)).exp_().mul_(logits)     # p * logit, in place
+            entropy = lse - plogp.sum(-1)
+    if not top_k:
+        return logp, entropy
+    with torch.no_grad():  # entropy of the k most likely tokens' distribution, renormalised
+        top = logits.detach().topk(min(top_k, logits.shape[-1]), dim=-1).values   # (R, k)
+        lse_k = torch.logsumexp(top, dim=-1)
+        top_entropy = lse_k - ((top - lse_k.unsqueeze(-1)).exp() * top).sum(-1)
+    return logp, entropy, top_entropy
 
 
-def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor,
-                               temperature: float = 1.0, chunk_size: int = 1024) -> Tuple[Tensor, Tensor]:
+def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float = 1.0,
+                               chunk_size: int = 1024, *, entropy_grad: bool = False,
+                               entropy_top_k: int = 0) -> Tuple[Tensor, ...]:
     """Selective log-softmax through the output head, chunked: log-probs of the chosen tokens.
 
     Args:
@@ -246,32 +425,78 @@ def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor,
             are those of the distribution the completions were sampled from).
         chunk_size: rows (token positions) projected at once; never more than ``MAX_CHUNK_LOGITS``
             logits at a time. With grad enabled each chunk is checkpointed.
+        entropy_grad: make ``entropy`` differentiable (for an entropy bonus in the loss).
+        entropy_top_k: k > 0 also returns the entropy of the k most likely tokens' distribution,
+            renormalised over them (a tail-insensitive entropy; no gradient).
 
     Returns:
         logp: ``(N, T)`` fp32, ``log_softmax(head(hidden) / temperature)[..., ids]``; differentiable
             w.r.t. ``hidden`` and the head's parameters.
-        entropy: ``(N, T)`` fp32, entropy of ``softmax(head(hidden) / temperature)`` (no gradient).
+        entropy: ``(N, T)`` fp32, entropy of ``softmax(head(hidden) / temperature)`` (gradient only
+            with ``entropy_grad``).
+        top_k_entropy: ``(N, T)`` fp32, only when ``entropy_top_k > 0``:
+            ``H(softmax(topk_k(z)))`` with z the scaled logits.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: must be > 0")
+    if entropy_top_k < 0:
+        raise ValueError(f"entropy_top_k={entropy_top_k}: must be >= 0 (0 = off)")
     n, t, h = hidden.shape
     flat_h, flat_ids = hidden.reshape(n * t, h), ids.reshape(n * t)
     # Bound the logits of one chunk, whatever the vocabulary: at Qwen's 151,936 rows a 1,024-row
     # chunk alone is 622 MB of fp32 logits, and its backward holds several such buffers.
     chunk_size = max(1, min(chunk_size, MAX_CHUNK_LOGITS // _out_features(head)))
-    logps, ents = [], []
+    outs = []
     for start in range(0, n * t, chunk_size):
         hs, ix = flat_h[start:start + chunk_size], flat_ids[start:start + chunk_size]
         if torch.is_grad_enabled() and hs.requires_grad:
-            lp, ent = checkpoint(_head_chunk, head, hs, ix, temperature, use_reentrant=False)
+            out = checkpoint(_head_chunk, head, hs, ix, temperature, entropy_grad, entropy_top_k, use_reentrant=False)
         else:
-            lp, ent = _head_chunk(head, hs, ix, temperature)
-        logps.append(lp)
-        ents.append(ent)
-    if not logps:
+            out = _head_chunk(head, hs, ix, temperature, entropy_grad, entropy_top_k)
+        outs.append(out)
+    k = 3 if entropy_top_k else 2
+    if not outs:
         empty = hidden.new_zeros(n, t, dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps).view(n, t), torch.cat(ents).view(n, t)
+        return (empty,) * k
+    return tuple(torch.cat([o[i] for o in outs]).view(n, t) for i in range(k))
+
+
+# =========================================================================== 3b. entropy selection
+# "Beyond the 80/20 Rule" (arXiv 2506.01939): a minority of high-entropy "forking" tokens carries
+# the useful policy gradient; restricting the gradient to the top 20 % by entropy matched or beat
+# full-token training. TRL's ``top_entropy_quantile``: the threshold is a quantile over the
+# non-padded tokens of the batch, and tokens with entropy >= it keep their policy gradient.
+
+def entropy_threshold(entropies: Tensor, top_quantile: float) -> Tensor:
+    """The entropy at or above which a token is in the top ``top_quantile`` fraction.
+
+    Args:
+        entropies: any shape, the entropies of the batch's valid tokens (gather them over ranks
+            first); NaN entries are ignored (use NaN for padding).
+        top_quantile: in (0, 1]; 1.0 keeps every token, 0.2 the top 20 %.
+
+    Returns:
+        0-dim tensor: the ``1 - top_quantile`` quantile, linearly interpolated between order
+        statistics (``torch.quantile``'s default, as TRL computes it); +inf when no entry is valid.
+    """
+    if not 0 < top_quantile <= 1:
+        raise ValueError(f"top_quantile={top_quantile}: must be in (0, 1]")
+    x = entropies.reshape(-1)
+    x = x[~torch.isnan(x)]
+    if x.numel() == 0:
+        return torch.tensor(float("inf"), dtype=entropies.dtype, device=entropies.device)
+    xs = x.sort().values                                                 # ascending
+    pos = (1.0 - top_quantile) * (x.numel() - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, x.numel() - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+def high_entropy_mask(entropy: Tensor, mask: Tensor, threshold: Number) -> Tensor:
+    """``(N, T)`` bool: valid tokens (``mask``) whose ``entropy`` is >= ``threshold``; padding
+    (any value, even NaN) is never selected."""
+    m = mask.bool()
+    return m & (torch.where(m, entropy, torch.full_like(entropy, -float("inf"))) >= threshold)
 
 
 # =========================================================================== 4. masked reductions
@@ -490,32 +715,54 @@ def grpo_token_loss(
     ratio_level: str = "token",
     kl_estimator: str = "k3",
     kl_clamp: Optional[float] = 10.0,
+    pg_mask: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    entropy_coef: float = 0.0,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """GRPO per-token loss: :func:`policy_loss` + ``beta * KL`` (DeepSeekMath eq. 3).
+    """GRPO per-token loss: :func:`policy_loss` + ``beta * KL`` (DeepSeekMath eq. 3), optionally
+    restricted to high-entropy tokens and with an entropy bonus.
 
     Shapes as in :func:`policy_loss`; ``ref_logp`` ``(N, T)`` or ``None``. The KL term is
     added when ``beta > 0`` and ``ref_logp`` is given. ``kl_mean`` (mean over valid tokens,
     detached) is reported whenever ``ref_logp`` is given, even with ``beta == 0``; it is 0
     when ``ref_logp`` is ``None``.
 
+    Args (besides those of :func:`policy_loss` and the KL):
+        pg_mask: ``(N, T)`` bool or None: the tokens that keep their policy-gradient term (e.g.
+            :func:`high_entropy_mask`, arXiv 2506.01939); the others keep only the KL term. They
+            still count in the aggregation's denominator (as in TRL's ``top_entropy_quantile``).
+        entropy: ``(N, T)`` differentiable per-token entropy (required when ``entropy_coef != 0``).
+        entropy_coef: c >= 0 subtracts ``c * H_t`` at the tokens that receive the policy gradient
+            (all valid tokens, or ``pg_mask``): an entropy bonus, aggregated like the rest of the loss.
+
     Returns ``(per_token_loss (N, T), metrics)`` with the metrics of :func:`policy_loss`
-    plus ``kl_mean``.
+    plus ``kl_mean``, and ``entropy_bonus`` (``c`` x mean entropy of those tokens) when
+    ``entropy_coef != 0``.
     """
     loss, metrics = policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, ratio_level)
     m = mask.bool()
+    zero = torch.zeros_like(logp)
+    pg = m if pg_mask is None else m & pg_mask.bool()                        # (N, T)
+    if pg_mask is not None:
+        loss = torch.where(pg, loss, zero)
     if ref_logp is None:
         metrics["kl_mean"] = torch.zeros((), dtype=logp.dtype, device=logp.device)
-        return loss, metrics
-    zero = torch.zeros_like(logp)
-    lp = torch.where(m, logp, zero)                                           # sanitise before exp
-    rp = torch.where(m, ref_logp.to(logp.dtype), zero)
-    if beta > 0:
-        kl = torch.where(m, kl_penalty(lp, rp, kl_estimator, kl_clamp), zero)  # (N, T)
-        loss = loss + beta * kl
     else:
-        with torch.no_grad():
-            kl = torch.where(m, kl_penalty(lp, rp, kl_estimator, kl_clamp), zero)
-    metrics["kl_mean"] = masked_mean(kl.detach(), m)
+        lp = torch.where(m, logp, zero)                                       # sanitise before exp
+        rp = torch.where(m, ref_logp.to(logp.dtype), zero)
+        if beta > 0:
+            kl = torch.where(m, kl_penalty(lp, rp, kl_estimator, kl_clamp), zero)  # (N, T)
+            loss = loss + beta * kl
+        else:
+            with torch.no_grad():
+                kl = torch.where(m, kl_penalty(lp, rp, kl_estimator, kl_clamp), zero)
+        metrics["kl_mean"] = masked_mean(kl.detach(), m)
+    if entropy_coef:
+        if entropy is None:
+            raise ValueError("entropy_coef != 0 needs the per-token entropy (entropy=...)")
+        ent = torch.where(pg, entropy.to(logp.dtype), zero)                  # (N, T)
+        loss = loss - entropy_coef * ent
+        metrics["entropy_bonus"] = (entropy_coef * masked_mean(ent.detach(), pg))
     return loss, metrics
 
 
@@ -528,7 +775,7 @@ def _count(x: Optional[Number], default: Tensor, like: Tensor) -> Tensor:
 
 
 @register_loss_aggregation("seq_mean_token_mean", "grpo")
-def _agg_seq_mean_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None):
+def _agg_seq_mean_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
     # Paper GRPO (DeepSeekMath eq. 3): 1/G sum_i 1/|o_i| sum_t. Empty sequences are skipped.
     tok = m.sum(-1)                                                           # (N,)
     per_seq = masked_sum(loss, m, -1) / tok.clamp(min=1).to(loss.dtype)       # (N,)
@@ -536,17 +783,19 @@ def _agg_seq_mean_token_mean(loss, m, *, num_tokens=None, num_sequences=None, ma
 
 
 @register_loss_aggregation("token_mean", "bnpo", "dapo")
-def _agg_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None):
+def _agg_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
     # DAPO token-level loss (arXiv 2503.14476): sum over all tokens / number of tokens.
     return masked_sum(loss, m) / _count(num_tokens, m.sum(), loss)
 
 
 @register_loss_aggregation("seq_mean_token_sum_norm", "dr_grpo")
-def _agg_dr_grpo(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None):
-    # Dr. GRPO (arXiv 2503.20783): constant normaliser G * L_max, no length bias.
+def _agg_dr_grpo(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
+    # Dr. GRPO (arXiv 2503.20783): the constant normaliser (rows) * L_max, no length bias. Rows, not
+    # non-empty sequences: a row masked out (a truncated completion under mask_truncated_completions)
+    # still counts, so the normaliser does not move with the truncation rate.
     if max_completion_length is None:
         raise ValueError("seq_mean_token_sum_norm / dr_grpo needs max_completion_length")
-    n = _count(num_sequences, torch.tensor(loss.shape[0], device=loss.device), loss)
+    n = _count(num_rows, torch.tensor(loss.shape[0], device=loss.device), loss)
     return masked_sum(loss, m) / (n * float(max_completion_length))
 
 
@@ -558,6 +807,7 @@ def aggregate_loss(
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
     max_completion_length: Optional[int] = None,
+    num_rows: Optional[Number] = None,
 ) -> Tensor:
     """Reduce a ``(N, T)`` per-token loss to a scalar.
 
@@ -573,9 +823,11 @@ def aggregate_loss(
       tokens of short micro-batches more and the gradient would depend on how the batch was
       split. With a global denominator the micro-batch losses sum exactly to the full-batch
       loss, so accumulated gradients equal the full-batch gradient.
-    * "seq_mean_token_sum_norm" ("dr_grpo"): ``sum_it l_it / (num_sequences * max_completion_length)``;
-      ``max_completion_length`` is required; ``num_sequences`` defaults to N (this call's rows).
-      Same convention: pass the GLOBAL number of sequences of the optimizer step so
+    * "seq_mean_token_sum_norm" ("dr_grpo"): ``sum_it l_it / (num_rows * max_completion_length)``,
+      a constant (G * L_max per prompt); ``max_completion_length`` is required; ``num_rows``
+      defaults to N (this call's rows). Every row counts, empty ones included (a completion
+      masked out by ``mask_truncated_completions``), so the normaliser does not depend on the
+      truncation rate. Same convention: pass the GLOBAL number of rows of the optimizer step so
       micro-batch losses sum to the full-batch loss.
 
     For "seq_mean_token_mean" too, passing the global number of non-empty sequences as
@@ -590,7 +842,7 @@ def aggregate_loss(
     """
     fn = lookup(LOSS_AGGREGATIONS, mode)
     return fn(per_token_loss, mask.bool(), num_tokens=num_tokens, num_sequences=num_sequences,
-              max_completion_length=max_completion_length)
+              max_completion_length=max_completion_length, num_rows=num_rows)
 
 
 # =========================================================================== 9. LR schedules

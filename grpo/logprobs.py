@@ -29,11 +29,15 @@ class CompletionLogProbs(nn.Module):
         self.chunk_size = chunk_size
         self.sync_vision = sync_vision  # ZeRO-3: run the vision tower even without images
 
-    def forward(self, completion_ids: torch.Tensor, temperature: float = 1.0, **inputs):
-        """completion_ids (N, T) -> logp (N, T), entropy (N, T) under softmax(logits / temperature).
+    def forward(self, completion_ids: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = False,
+                entropy_top_k: int = 0, **inputs):
+        """completion_ids (N, T) -> logp (N, T), entropy (N, T) under softmax(logits / temperature),
+        and with ``entropy_top_k`` > 0 the entropy of the top-k tokens (N, T) as a third output
+        (``token_logprobs_from_hidden``; ``entropy_grad`` makes the entropy differentiable).
         ``inputs``: the adapter's ``forward_inputs`` (every row on its own) or
         ``shared_forward_inputs`` (each distinct prompt run once)."""
         hidden = self.adapter.completion_hidden(self.model, completion_ids, sync_vision=self.sync_vision,
                                                 **inputs)                            # (N, T, H)
         head = self.adapter.output_head(self.model)
-        return token_logprobs_from_hidden(head, hidden, completion_ids, temperature, self.chunk_size)
+        return token_logprobs_from_hidden(head, hidden, completion_ids, temperature, self.chunk_size,
+                                          entropy_grad=entropy_grad, entropy_top_k=entropy_top_k)

@@ -8,14 +8,20 @@ ignored, so a rollout samples exactly what GRPOConfig says.
 The decode loop itself (prefill, the KV cache shared by the G samples of a prompt, M-RoPE
 positions of the new tokens) is the adapter's ``sample_continuations``; this module hands it the
 token choice as a function of the logits.
+
+``sample_informative_groups`` is DAPO's dynamic sampling loop: generation rounds until every rank
+holds enough groups with reward spread, with the ranks in step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from models.adapter import PromptBatch
+
+from .core import select_groups
 
 
 @dataclass
@@ -125,3 +131,51 @@ def in_chunks(model, prompts: PromptBatch, chunk: int | None, adapter, run) -> C
                      for p in pieces])
     mask, truncated = mask_after_eos(ids, adapter.eos_token_ids)
     return Completions(ids, mask, truncated)
+
+
+def sample_informative_groups(generate: Callable[[int], torch.Tensor], needed: int, max_extra_rounds: int,
+                              all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]):
+    """Dynamic sampling (DAPO, arXiv 2503.14476): generation attempts until this step's batch can
+    be filled with informative groups, every rank doing the same number of attempts.
+
+    Args:
+        generate: ``generate(attempt) -> informative (B_a,) bool``: generates and scores attempt
+            ``attempt`` (0 = the round's own prompts, then 1, 2, ...) on this rank and keeps what it
+            made; True marks a group with reward spread.
+        needed: groups this rank's batch holds (``prompts_per_step``).
+        max_extra_rounds: attempts after the first at most.
+        all_reduce_sum: sums a tensor over ranks (identity in one process).
+
+    The decision is global: after each attempt one all-reduce of ``[ranks still short of
+    informative groups, informative groups of this attempt, groups of this attempt]``. Groups never
+    move between ranks (each rank's batch keeps B groups, so micro-batching is unchanged), so
+    another attempt is made while ANY rank is short and fewer than ``max_extra_rounds`` extra
+    attempts were made. Every rank sees the same sums and stops at the same attempt, so collective
+    work inside an attempt (ZeRO-3's gathered generation) stays matched. A rank that already has
+    enough still generates in the extra attempts; its surplus is discarded.
+
+    Returns:
+        picks: ``select_groups(informative, needed)``: (attempt, group) pairs, generation order.
+        stats: ``zero_std_fraction`` (of the first attempt's groups, all ranks: before refilling),
+        ``extra_rounds``, ``filled_frac`` (this rank's share of zero-std groups put back because
+        the informative ones ran out; the mean over ranks is the global share, all ranks holding
+        ``needed`` groups), ``generated_groups`` (all ranks, all attempts).
+    """
+    informative: list[torch.Tensor] = []
+    first = None
+    generated = 0.0
+    for attempt in range(max_extra_rounds + 1):
+        flags = generate(attempt).bool().cpu()
+        informative.append(flags)
+        have = sum(int(f.sum()) for f in informative)
+        sums = all_reduce_sum(torch.tensor([float(have < needed), float(flags.sum()), float(len(flags))]))
+        sums = sums.cpu()
+        generated += float(sums[2])
+        if first is None:
+            first = sums
+        if sums[0] == 0:
+            break
+    picks, filled = select_groups(informative, needed)
+    stats = {"zero_std_fraction": float(1.0 - first[1] / first[2].clamp(min=1)), "extra_rounds": float(attempt),
+             "filled_frac": filled / needed, "generated_groups": generated}
+    return picks, stats

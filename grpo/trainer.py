@@ -2,8 +2,11 @@
 
     for each step:
         rollout   prompts x G  --generate-->  completions (N = B*G rows)
-        score     completions  --rewards-->   scores (N, R)  --weights-->  r (B, G)
+        score     completions  --rewards-->   scores (N, R)  --aggregate_rewards-->  r (B, G)
+                  [dynamic sampling: drop groups with zero reward spread, generate more prompts,
+                   refill to B groups; every rank the same number of extra rounds]
         advantage r  --group_advantages-->  adv (B, G)   (computed over all ranks' groups)
+                  [top_entropy_quantile < 1: the policy-gradient token mask, from the batch's entropies]
         update    micro-batches: logp --grpo_token_loss--> per-token loss --aggregate--> backward
                   then one optimizer step (mu steps per generation batch)
 
@@ -14,24 +17,48 @@ back-end (PyTorch or DeepSpeed) behind ``grpo.engine``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
 from models.adapter import PromptBatch
-from rewards import score_all
+from rewards import RewardSample, score_all
+from rewards.runner import preflight_problems
 
 from .base import BaseTrainer
 from .config import GRPOConfig
-from .core import aggregate_loss, combine_rewards, group_advantages, grpo_token_loss
+from rewards.overlong import COMPLETION_TOKENS, MAX_COMPLETION_LENGTH, TRUNCATED
+
+from .core import (advantage_contributions, advantage_shares, aggregate_loss, aggregate_rewards, combine_rewards,
+                   entropy_threshold, group_advantages, grpo_token_loss, high_entropy_mask, nan_mean_std,
+                   zero_std_groups)
 from .metrics import AbstainGuard, truncate_jsonl
-from .rollout import Completions, sample
+from .rollout import Completions, sample, sample_informative_groups
 from .samples import default_reward_sample
 
 
-_ADV_METRIC_NAMES = {"reward_mean": "reward/mean", "reward_std": "reward/std",
-                     "frac_zero_std_groups": "frac_zero_std_groups", "abstain_frac": "reward/abstain_frac"}
+log = logging.getLogger("grpo")
+_LOSS_METRIC_NAMES = {"entropy_bonus": "entropy/bonus"}
+_ADV_METRIC_NAMES = {"frac_zero_std_groups": "frac_zero_std_groups", "abstain_frac": "reward/abstain_frac"}
+# Resample stream of dynamic sampling: permutations seeded apart from items_for_round's (seed + epoch).
+_RESAMPLE_SEED_OFFSET = 1 << 32
+# The completion the pre-flight check scores: the paper's format, answering with the reference.
+PREFLIGHT_COMPLETION = "<think>A pre-flight check of the reward functions.</think><answer>{answer}</answer>"
+
+
+@dataclass
+class Generated:
+    """One generation attempt on this process: ``len(items)`` groups of G rows."""
+    items: list
+    messages: list
+    images: list
+    prompts: PromptBatch          # (n, P), each prompt repeated G times
+    completions: Completions      # (n, T)
+    texts: list[str]              # (n,)
+    scores: torch.Tensor          # (n, R), NaN = abstained
+    reward_metrics: dict
 
 
 @dataclass
@@ -46,6 +73,8 @@ class Batch:
     num_tokens: float             # valid loss tokens over all ranks (global normaliser)
     num_sequences: float          # non-empty sequences over all ranks
     metrics: dict
+    scores: torch.Tensor | None = None   # (N, R) this process's raw rewards, NaN = abstained
+    pg_mask: torch.Tensor | None = None  # (N, T) tokens that get the policy gradient; None = all (loss_mask)
 
 
 class GRPOTrainer(BaseTrainer):
@@ -76,54 +105,212 @@ class GRPOTrainer(BaseTrainer):
         self._completions_round = None  # first round this process logged (see _log_completions)
 
     def trainer_state(self) -> dict:
+        # Each rank's rewards keep their own state (each rank has its own judge client and
+        # ledger): gathered here (every rank saves), restored per rank by load_trainer_state.
+        mine = {r.name: state for r in self.rewards if (state := r.state_dict())}
         return {**super().trainer_state(), "rewards": [r.name for r in self.rewards],
-                "abstain_history": self._abstain.state()}
+                "abstain_history": self._abstain.state(),
+                "reward_state": self.engine.all_gather_objects(mine)}
 
     def load_trainer_state(self, state: dict) -> None:
         super().load_trainer_state(state)
         self._abstain.load_state(state.get("abstain_history", {}))
+        per_rank = state.get("reward_state") or []
+        mine = per_rank[self.engine.rank] if len(per_rank) == self.engine.world_size else {}
+        for reward in self.rewards:
+            if reward.name in mine:
+                reward.load_state_dict(mine[reward.name])
+
+    # ---------------------------------------------------------------- pre-flight
+    def preflight_problems(self) -> list[str]:
+        """The output folder (see ``BaseTrainer``), then every reward on one sample built from
+        the first dataset item with :data:`PREFLIGHT_COMPLETION` (``Reward.preflight``: by
+        default ``score_batch``; ``ProcessReward`` sends one real judge request)."""
+        problems = super().preflight_problems()
+        try:
+            sample = self.preflight_sample()
+        except Exception as err:
+            return problems + [f"reward_sample_fn(train_dataset[0], completion) raised {type(err).__name__}: "
+                               f"{err}; the rewards could not be checked"]
+        return problems + preflight_problems(self.rewards, sample)
+
+    def preflight_sample(self) -> RewardSample:
+        """What the rewards see for a placeholder completion of the first dataset item, with the
+        token-count fields the trainer adds to every sample."""
+        a = self.args
+        answer = self.reward_sample_fn(self.dataset[0], "").answer
+        sample = self.reward_sample_fn(self.dataset[0], PREFLIGHT_COMPLETION.format(answer=answer))
+        try:
+            tokens = len(self.adapter.tokenizer(sample.completion, add_special_tokens=False)["input_ids"]) + 1
+        except Exception:  # an adapter without a tokenizer: a rough count is enough here
+            tokens = len(sample.completion.split()) + 1
+        sample.extra = {**sample.extra, COMPLETION_TOKENS: min(tokens, a.max_completion_length),
+                        MAX_COMPLETION_LENGTH: a.max_completion_length, TRUNCATED: tokens > a.max_completion_length}
+        return sample
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self, round_idx: int) -> Batch:
-        a, g = self.args, self.args.num_generations
-        timings = {}
-        t0 = time.perf_counter()
-        items = self.items_for_round(round_idx, a.prompts_per_step)
-        messages, images = zip(*(self.prompt_fn(it) for it in items))
-        prompts = self.adapter.encode_prompts(list(messages), list(images)).repeat_interleave(g)
-        prompts = prompts.to(self.engine.device)
-        with self.engine.generation_model() as gen_model:
-            comp = self.sampler(gen_model, self.adapter, prompts, a, chunk=a.generation_batch_size)
-        texts = self.adapter.decode(comp.ids, comp.mask)
-        timings["time/generate"] = time.perf_counter() - t0
+        a, g, b = self.args, self.args.num_generations, self.args.prompts_per_step
+        timings = {"time/generate": 0.0, "time/reward": 0.0}
+        attempts: list[Generated] = []
+
+        def attempt(k: int) -> torch.Tensor:  # generate + score; (b,) True = the group has reward spread
+            items = self.items_for_round(round_idx, b) if k == 0 else self.resample_items(round_idx, k, b)
+            attempts.append(self._generate_and_score(items, timings))
+            combined, _ = aggregate_rewards(attempts[-1].scores.view(b, g, -1), self.weights,
+                                            a.reward_aggregation, a.advantage_eps)
+            return ~zero_std_groups(combined)
+
+        ds_metrics = {}
+        if a.dynamic_sampling:
+            picks, stats = sample_informative_groups(attempt, b, a.max_resample_rounds, self._all_reduce_sum)
+            ds_metrics = {f"dynamic_sampling/{k}": v for k, v in stats.items()}
+            if stats["filled_frac"] > 0:
+                log.warning("round %d: %d of %d groups have zero reward spread after %d extra generation "
+                            "round(s) (max_resample_rounds=%d); they fill the batch with advantage 0",
+                            round_idx, round(stats["filled_frac"] * b), b, int(stats["extra_rounds"]),
+                            a.max_resample_rounds)
+        else:
+            attempt(0)
+            picks = [(0, j) for j in range(b)]
+        gen = self._assemble(attempts, picks)
+        items, prompts, comp, texts, scores = gen.items, gen.prompts, gen.completions, gen.texts, gen.scores
 
         t0 = time.perf_counter()
-        samples = [self.reward_sample_fn(items[i // g], text) for i, text in enumerate(texts)]
-        scores, reward_metrics = score_all(self.rewards, samples)                   # (N, R)
-        combined = combine_rewards(scores, self.weights)                            # (N,)
-        everyone = self.engine.all_gather_cat(combined.to(self.engine.device)).cpu()  # (world*N,)
-        adv_all, adv_metrics = group_advantages(everyone.view(-1, g), a.advantage_scale, a.advantage_eps)
-        n = len(combined)
-        adv = adv_all.reshape(-1)[self.engine.rank * n:(self.engine.rank + 1) * n]   # (N,)
-        timings["time/reward"] = time.perf_counter() - t0
+        everyone = self.engine.all_gather_cat(scores.to(self.engine.device)).cpu()    # (world*N, R)
+        combined, terms = aggregate_rewards(everyone.view(-1, g, everyone.shape[1]), self.weights,
+                                            a.reward_aggregation, a.advantage_eps)    # (world*B, G), (.., R)
+        adv_all, adv_metrics = group_advantages(combined, a.advantage_scale, a.advantage_eps)
+        shares = advantage_shares(advantage_contributions(terms, a.advantage_scale, a.advantage_eps))  # (R,)
+        raw = combine_rewards(everyone, self.weights)        # the weighted reward sum, whatever the aggregation
+        raw_mean, raw_std = nan_mean_std(raw)
+        n = len(scores)
+        adv = adv_all.reshape(-1)[self.engine.rank * n:(self.engine.rank + 1) * n]    # (N,)
+        timings["time/reward"] += time.perf_counter() - t0
 
         loss_mask = comp.mask.clone()
         if a.mask_truncated_completions:
             loss_mask[comp.truncated] = 0
         t0 = time.perf_counter()
-        old_logp = self._logprobs(self.engine.forward, prompts, comp) if a.num_iterations > 1 else None
-        ref_logp = self._logprobs(self.engine.ref_forward, prompts, comp) if a.beta > 0 else None
+        old_logp = old_ent = None
+        if a.num_iterations > 1:
+            old_logp, old_ent = self._logprobs(self.engine.forward, prompts, comp)
+        ref_logp = self._logprobs(self.engine.ref_forward, prompts, comp)[0] if a.beta > 0 else None
+        pg_mask, ent_metrics = None, {}
+        if a.top_entropy_quantile < 1.0:
+            if old_ent is None:  # mu = 1: one no-grad pass of the policy for the entropies
+                old_ent = self._logprobs(self.engine.forward, prompts, comp)[1]
+            pg_mask, ent_metrics = self._high_entropy_tokens(old_ent, loss_mask)
         timings["time/logprobs"] = time.perf_counter() - t0
         counts = torch.stack([loss_mask.sum(), (loss_mask.sum(1) > 0).sum()]).float()   # one collective
         num_tokens, num_seqs = self.engine.all_reduce_sum(counts.to(self.engine.device)).tolist()
-        adv_metrics = {_ADV_METRIC_NAMES[k]: float(v) for k, v in adv_metrics.items()}
-        metrics = {**reward_metrics, **adv_metrics, **timings,
+        adv_metrics = {_ADV_METRIC_NAMES[k]: float(v) for k, v in adv_metrics.items() if k in _ADV_METRIC_NAMES}
+        adv_metrics.update({"reward/mean": float(raw_mean), "reward/std": float(raw_std)})
+        share_metrics = {f"advantage_share/{r.name}": float(v) for r, v in zip(self.rewards, shares)}
+        metrics = {**gen.reward_metrics, **adv_metrics, **share_metrics, **ds_metrics, **ent_metrics, **timings,
                    **self._rollout_metrics(scores, comp)}
-        self._log_completions(round_idx, items, texts, combined)
-        return Batch(prompts, comp, loss_mask, adv, old_logp, ref_logp, num_tokens, num_seqs, metrics)
+        self._log_completions(round_idx, items, texts, raw.view(-1)[self.engine.rank * n:(self.engine.rank + 1) * n])
+        return Batch(prompts, comp, loss_mask, adv, old_logp, ref_logp, num_tokens, num_seqs, metrics,
+                     scores=scores, pg_mask=pg_mask)
 
-    def _forward(self, fn, prompts: PromptBatch, comp: Completions, rows: list[int]):
+    def resample_items(self, round_idx: int, attempt: int, per_rank: int) -> list:
+        """This rank's items for extra generation attempt ``attempt`` (1..max_resample_rounds) of
+        round ``round_idx`` (dynamic sampling). A second stream, like ``items_for_round``: seeded
+        permutations per epoch (seeded apart from the main stream's), sharded by rank, a pure
+        function of (round, attempt), so a resumed run draws the same prompts."""
+        world, rank, n = self.engine.world_size, self.engine.rank, len(self.dataset)
+        slot = round_idx * max(1, self.args.max_resample_rounds) + attempt - 1
+        out, perms = [], {}
+        for j in range(per_rank):
+            epoch, pos = divmod((slot * world + rank) * per_rank + j, n)
+            if epoch not in perms:
+                seed = _RESAMPLE_SEED_OFFSET + self.args.seed + epoch
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            out.append(self.dataset[int(perms[epoch][pos])])
+        return out
+
+    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.engine.all_reduce_sum(t.to(self.engine.device)).cpu()
+
+    def _generate_and_score(self, items: list, timings: dict) -> Generated:
+        a, g = self.args, self.args.num_generations
+        t0 = time.perf_counter()
+        messages, images = (list(x) for x in zip(*(self.prompt_fn(it) for it in items)))
+        prompts = self.adapter.encode_prompts(messages, images).repeat_interleave(g).to(self.engine.device)
+        with self.engine.generation_model() as gen_model:
+            comp = self.sampler(gen_model, self.adapter, prompts, a, chunk=a.generation_batch_size)
+        texts = self.adapter.decode(comp.ids, comp.mask)
+        timings["time/generate"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        lengths, truncated = comp.lengths.tolist(), comp.truncated.tolist()
+        samples = []
+        for i, text in enumerate(texts):
+            s = self.reward_sample_fn(items[i // g], text)
+            # token counts for length-based rewards (rewards.OverlongPenalty); a fresh dict, since
+            # a reward_sample_fn may share one ``extra`` between samples
+            s.extra = {**s.extra, COMPLETION_TOKENS: int(lengths[i]), MAX_COMPLETION_LENGTH: a.max_completion_length,
+                       TRUNCATED: bool(truncated[i])}
+            samples.append(s)
+        scores, reward_metrics = score_all(self.rewards, samples)                   # (n, R)
+        timings["time/reward"] += time.perf_counter() - t0
+        return Generated(list(items), messages, images, prompts, comp, texts, scores, reward_metrics)
+
+    def _assemble(self, attempts: list[Generated], picks: list[tuple[int, int]]) -> Generated:
+        """The step's batch: groups ``picks`` (attempt, group) of the generation attempts."""
+        g = self.args.num_generations
+        first = attempts[0]
+        if picks == [(0, j) for j in range(len(first.items))]:
+            chosen = first  # the round's own prompts, as generated
+        else:
+            rows = [(k, j * g + i) for k, j in picks for i in range(g)]
+            messages = [attempts[k].messages[j] for k, j in picks]
+            images = [attempts[k].images[j] for k, j in picks]
+            # Re-encoded (cheap next to generation), so that the batch's prompts are padded together.
+            prompts = self.adapter.encode_prompts(messages, images).repeat_interleave(g).to(self.engine.device)
+            width = max(attempts[k].completions.ids.shape[1] for k, _ in picks)
+
+            def row(t, r, value):  # row r of t, right-padded to the batch's width
+                return torch.nn.functional.pad(t[r], (0, width - t.shape[1]), value=value)
+            comp = Completions(torch.stack([row(attempts[k].completions.ids, r, self.adapter.pad_token_id) for k, r in rows]),
+                               torch.stack([row(attempts[k].completions.mask, r, 0) for k, r in rows]),
+                               torch.stack([attempts[k].completions.truncated[r] for k, r in rows]))
+            chosen = Generated([attempts[k].items[j] for k, j in picks], messages, images, prompts, comp,
+                               [attempts[k].texts[r] for k, r in rows],
+                               torch.stack([attempts[k].scores[r] for k, r in rows]), {})
+        if len(attempts) == 1:
+            return chosen
+        # Judge ledgers are cumulative (the last attempt's are current); per-reward means are the batch's.
+        metrics = dict(attempts[-1].reward_metrics)
+        for j, reward in enumerate(self.rewards):
+            col = chosen.scores[:, j]
+            kept = col[~torch.isnan(col)]
+            metrics[f"reward/{reward.name}/mean"] = float(kept.mean()) if len(kept) else float("nan")
+            metrics[f"reward/{reward.name}/abstain_rate"] = 1.0 - len(kept) / max(1, len(col))
+        chosen.reward_metrics = metrics
+        return chosen
+
+    def _high_entropy_tokens(self, entropy: torch.Tensor, loss_mask: torch.Tensor):
+        """(N, T) sampling-policy entropies -> (pg_mask (N, T) bool, metrics): the top
+        ``top_entropy_quantile`` of the valid tokens of the whole step batch (all micro-batches,
+        all ranks), so the selection does not depend on how the batch is split."""
+        a = self.args
+        valid, ent = loss_mask.bool().cpu(), entropy.float().cpu()
+        mine = torch.full((len(ent), a.max_completion_length), float("nan"))        # equal shapes on every rank
+        mine[:, :ent.shape[1]] = torch.where(valid, ent, torch.full_like(ent, float("nan")))
+        everyone = self.engine.all_gather_cat(mine.to(self.engine.device)).cpu()         # (world*N, T_max)
+        threshold = entropy_threshold(everyone, a.top_entropy_quantile)
+        pg_mask = high_entropy_mask(ent, valid, threshold).to(loss_mask.device)
+        kept = everyone[~torch.isnan(everyone)]
+        chosen = kept[kept >= threshold]
+        return pg_mask, {"entropy/threshold": float(threshold),
+                         "entropy/selected_frac": len(chosen) / max(1, len(kept)),
+                         "entropy/selected_mean": float(chosen.mean()) if len(chosen) else float("nan")}
+
+    def _forward(self, fn, prompts: PromptBatch, comp: Completions, rows: list[int], **extra):
+        """(logp, entropy, width, top-k entropy or None) of ``rows``; ``extra``: ``entropy_grad``,
+        ``entropy_top_k`` of ``CompletionLogProbs.forward``."""
         pb, ids, mask = prompts.select(rows), comp.ids[rows], comp.mask[rows]
         width = max(1, int(mask.sum(1).max()))  # drop columns that are padding in every row
         ids, mask = ids[:, :width], mask[:, :width]
@@ -131,15 +318,18 @@ class GRPOTrainer(BaseTrainer):
             inputs = self.adapter.shared_forward_inputs(pb, mask)  # each distinct prompt run once
         else:
             inputs = self.adapter.forward_inputs(pb, ids, mask)
-        logp, ent = fn(completion_ids=ids, temperature=self.args.temperature, **inputs)
-        return logp, ent, width
+        out = fn(completion_ids=ids, temperature=self.args.temperature, **extra, **inputs)
+        return out[0], out[1], width, (out[2] if len(out) > 2 else None)
 
-    def _logprobs(self, fn, prompts: PromptBatch, comp: Completions) -> torch.Tensor:
+    def _logprobs(self, fn, prompts: PromptBatch, comp: Completions) -> tuple[torch.Tensor, torch.Tensor]:
+        """No-grad log-probs and entropies (N, T) of the whole batch, micro-batch by micro-batch."""
         out = torch.zeros(comp.ids.shape, dtype=torch.float32, device=comp.ids.device)
+        ent = torch.zeros(comp.ids.shape, dtype=torch.float32, device=comp.ids.device)
         for rows in self.micro_batches(len(prompts)):
-            logp, _, width = self._forward(fn, prompts, comp, rows)
+            logp, e, width, _ = self._forward(fn, prompts, comp, rows)
             out[rows, :width] = logp.float()
-        return out
+            ent[rows, :width] = e.float()
+        return out, ent
 
     # ---------------------------------------------------------------- update
     def update(self, batch: Batch) -> dict:
@@ -150,27 +340,35 @@ class GRPOTrainer(BaseTrainer):
         sums: dict[str, float] = {}
         finite = True
         micro = self.micro_batches(len(batch.prompts))
+        bonus = a.entropy_coef > 0
         for i, rows in enumerate(micro):
-            logp, ent, w = self._forward(self.engine.forward, batch.prompts, batch.completions, rows)
+            logp, ent, w, top_ent = self._forward(self.engine.forward, batch.prompts, batch.completions, rows,
+                                                  entropy_grad=bonus, entropy_top_k=a.entropy_top_k)
             mask = batch.loss_mask[rows, :w]
             old = batch.old_logp[rows, :w] if batch.old_logp is not None else logp.detach()
             ref = batch.ref_logp[rows, :w] if batch.ref_logp is not None else None
+            pg_mask = batch.pg_mask[rows, :w] if batch.pg_mask is not None else None
             per_token, m = grpo_token_loss(
                 logp, old, ref, batch.advantages[rows].to(logp), mask, beta=a.beta,
                 eps_low=a.epsilon_low, eps_high=a.epsilon_high, dual_clip=a.dual_clip,
-                ratio_level=a.ratio_level, kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp)
+                ratio_level=a.ratio_level, kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp,
+                pg_mask=pg_mask, entropy=ent if bonus else None, entropy_coef=a.entropy_coef)
             # Global normalisers make micro-batch losses sum to the full-batch loss; x world size
             # undoes the gradient averaging of data parallelism (see core.aggregate_loss).
             loss = aggregate_loss(per_token, mask, a.loss_aggregation, num_tokens=batch.num_tokens,
-                                  num_sequences=batch.num_sequences,
+                                  num_sequences=batch.num_sequences, num_rows=batch.loss_mask.shape[0] * self.engine.world_size,
                                   max_completion_length=a.max_completion_length) * self.engine.world_size
             if self.engine.nonfinite_anywhere(loss):
                 finite = False
                 break
             self.engine.backward(loss, last=i == len(micro) - 1)
             share = len(rows) / len(batch.prompts)
-            m = {**{k: float(v) for k, v in m.items()}, "loss": float(loss.detach()),  # x world: the mean over ranks is the global loss
-                 "entropy": float((ent * mask).sum() / mask.sum().clamp(min=1))}
+            valid = mask.sum().clamp(min=1)
+            m = {**{_LOSS_METRIC_NAMES.get(k, k): float(v) for k, v in m.items()},
+                 "loss": float(loss.detach()),  # x world: the mean over ranks is the global loss
+                 "entropy": float((ent.detach() * mask).sum() / valid)}
+            if top_ent is not None:
+                m["entropy/top_k"] = float((top_ent * mask).sum() / valid)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "loss" else v * share)
         grad_norm = self.engine.step() if finite else self.engine.discard_step()

@@ -41,7 +41,7 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
-@pytest.mark.parametrize("script", ["grpo_minimal.py", "pathvlm_r1.py", "pathvlm_report.py"])
+@pytest.mark.parametrize("script", ["grpo_minimal.py", "pathvlm_r1.py", "pathvlm_report.py", "recipe_comparison.py"])
 def test_examples_import_only_the_public_api(script):
     import importlib
     for module, names in _imports(EXAMPLES / script):
@@ -83,3 +83,30 @@ def test_profile_fields_are_the_configs_field_names():
         SFTConfig(**sft)
     assert p.config_fields(p.PAPER, GRPOConfig)["learning_rate"] == 1e-6
     assert p.config_fields(p.PAPER, SFTConfig, prefix="sft_")["learning_rate"] == 1e-5
+
+
+def test_recipe_comparison_runs_every_recipe_on_the_same_alpha(tmp_path):
+    """examples/recipe_comparison.py on the quick profile: each recipe trains the same number of
+    steps from the same Alpha; DAPO's dynamic sampling generates extra rounds, the others exactly
+    steps x B x G completions; the summary holds every recipe."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRPO_VLM_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, str(EXAMPLES / "recipe_comparison.py"), "--profile", "quick", "--seeds", "42",
+                          "--out", str(tmp_path / "out"), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    runs = {r["recipe"]: r for r in summary["runs"]}
+    assert sorted(runs) == ["dapo", "dr_grpo", "grpo"]
+    sys.path.insert(0, str(EXAMPLES))
+    import pathvlm_r1
+    quick = pathvlm_r1.QUICK
+    steps = round(quick.grpo_epochs * quick.sizes[1] / quick.prompts_per_step)
+    per_round = quick.prompts_per_step * quick.num_generations
+    for name, r in runs.items():
+        assert r["steps"] == steps and len(r["curve"]["reward/accuracy/mean"]) == steps
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        extra = sum(r["curve"]["dynamic_sampling/extra_rounds"]) if name == "dapo" else 0
+        assert r["completions_generated"] == (steps + extra) * per_round
+    assert all(v is None for v in runs["grpo"]["curve"]["dynamic_sampling/extra_rounds"])
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert all(f"| {name} |" in table for name in runs)

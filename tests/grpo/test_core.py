@@ -15,13 +15,22 @@ from grpo.core import (
     LOSS_AGGREGATIONS,
     LR_SCHEDULES,
     RATIO_LEVELS,
+    REWARD_AGGREGATIONS,
+    advantage_contributions,
+    advantage_shares,
     aggregate_loss,
+    aggregate_rewards,
     combine_rewards,
+    entropy_threshold,
     grpo_token_loss,
     group_advantages,
+    high_entropy_mask,
     kl_penalty,
     masked_mean,
     policy_loss,
+    select_groups,
+    token_logprobs_from_hidden,
+    zero_std_groups,
 )
 from grpo.engine import lr_lambda
 
@@ -351,7 +360,7 @@ def test_aggregate_hand():
     # Dr. GRPO: 21 / (3 sequences * L) ; L = 4 -> 1.75 ; L = 8 -> 0.875
     close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm", max_completion_length=4), 1.75)
     close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=8), 0.875)
-    close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=4, num_sequences=6), 0.875)  # 21/24
+    close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=4, num_rows=6), 0.875)  # 21/24
 
 
 def test_aggregate_microbatch_split_hand():
@@ -363,7 +372,7 @@ def test_aggregate_microbatch_split_hand():
     # ... with the global count 6: 10/6 + 11/6 = 21/6 = 3.5
     close(sum(aggregate_loss(l, m, "token_mean", num_tokens=6) for l, m in parts), 3.5)
     # Dr. GRPO with num_sequences=3 (global), L=4: 10/12 + 11/12 = 1.75
-    close(sum(aggregate_loss(l, m, "dr_grpo", num_sequences=3, max_completion_length=4) for l, m in parts), 1.75)
+    close(sum(aggregate_loss(l, m, "dr_grpo", num_rows=3, max_completion_length=4) for l, m in parts), 1.75)
     # seq-mean with the global number of non-empty sequences (2): 2.5/2 + 5.5/2 = 4.0
     close(sum(aggregate_loss(l, m, "grpo", num_sequences=2) for l, m in parts), 4.0)
 
@@ -396,10 +405,13 @@ def test_masked_mean_hand():
 
 @pytest.mark.parametrize("field, registry", [
     ("advantage_scale", ADVANTAGE_SCALES), ("kl_estimator", KL_ESTIMATORS), ("ratio_level", RATIO_LEVELS),
-    ("loss_aggregation", LOSS_AGGREGATIONS), ("lr_scheduler", LR_SCHEDULES)])
+    ("loss_aggregation", LOSS_AGGREGATIONS), ("lr_scheduler", LR_SCHEDULES),
+    ("reward_aggregation", REWARD_AGGREGATIONS)])
 def test_config_accepts_exactly_the_registered_names(field, registry, monkeypatch):
     for name in registry:
-        assert getattr(GRPOConfig(**{field: name}), field) == name
+        # normalize_then_sum already normalises per group: it needs a batch (or no) advantage scale
+        extra = {"advantage_scale": "batch"} if field == "reward_aggregation" else {}
+        assert getattr(GRPOConfig(**{field: name, **extra}), field) == name
     with pytest.raises(ValueError, match=f"{field}='bogus': choose one of {', '.join(registry.canonical)}"):
         GRPOConfig(**{field: "bogus"})
     # a newly registered variant is configurable at once, without touching grpo/config.py
@@ -413,6 +425,8 @@ def test_registry_canonical_names_and_aliases():
     assert RATIO_LEVELS.canonical == ["token", "sequence"]
     assert LOSS_AGGREGATIONS.canonical == ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
     assert ADVANTAGE_SCALES.canonical == ["group", "batch", "none"]
+    assert REWARD_AGGREGATIONS.canonical == ["sum_then_normalize", "normalize_then_sum"]
+    assert REWARD_AGGREGATIONS.aliases == ["gdpo"]
     with pytest.raises(ValueError, match="kl_estimator='k4': choose one of k1, k2, k3 .aliases: kl, mse, low_var_kl"):
         GRPOConfig(kl_estimator="k4")
 
@@ -425,3 +439,191 @@ def test_lr_schedules_hand():
     close(at("constant"), [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0])
     close(at("linear"), [1 / 3, 2 / 3, 1.0, 0.5, 0.0, 0.0])          # 1 - progress, floored at 0
     close(at("cosine"), [1 / 3, 2 / 3, 1.0, 0.5, 0.0, 0.0])          # (1 + cos(pi * min(1, p))) / 2
+
+
+# --------------------------------------------------------------------------- reward aggregation (issue 17)
+# Two rewards (accuracy, format), weights (1, 0.5), eps 0.
+#   group 0  acc [1, 0, 0, 0]       mean 0.25, deviations [.75, -.25, -.25, -.25], sum sq 0.75, var 0.25,
+#                                   std 0.5 -> z [1.5, -0.5, -0.5, -0.5]
+#            fmt [1, 1, 0, NaN]     valid [1, 1, 0]: mean 2/3, sum sq 2/3, var 1/3, std 0.577350
+#                                   -> z [0.577350, 0.577350, -1.154701, NaN]
+#   group 1  acc [1, 1, 1, 1]       no spread -> z = 0 exactly
+#            fmt [0, 1, NaN, NaN]   mean 0.5, std sqrt(0.5) = 0.707107 -> z [-0.707107, 0.707107, NaN, NaN]
+#   group 2  acc [0, NaN, 1, 1]     mean 2/3, std 0.577350 -> z [-1.154701, NaN, 0.577350, 0.577350]
+#            fmt [1, NaN, 1, 1]     no spread -> 0 ; sample 1 abstained on both -> combined NaN
+AGG = [[[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, NAN]],
+       [[1.0, 0.0], [1.0, 1.0], [1.0, NAN], [1.0, NAN]],
+       [[0.0, 1.0], [NAN, NAN], [1.0, 1.0], [1.0, 1.0]]]
+S3 = 1 / math.sqrt(3)
+
+
+def test_aggregate_rewards_normalize_then_sum_hand():
+    combined, terms = aggregate_rewards(T(AGG), T([1.0, 0.5]), "normalize_then_sum", eps=0.0)
+    close(terms[..., 0], [[1.5, -0.5, -0.5, -0.5], [0.0, 0.0, 0.0, 0.0], [-2 * S3, NAN, S3, S3]])
+    h = 0.5 * math.sqrt(0.5)  # 0.5 * 0.707107
+    close(terms[..., 1], [[0.5 * S3, 0.5 * S3, -S3, NAN], [-h, h, NAN, NAN], [0.0, NAN, 0.0, 0.0]])
+    # sum over rewards, abstained terms skipped; all-abstained sample stays NaN
+    close(combined, [[1.5 + 0.5 * S3, -0.5 + 0.5 * S3, -0.5 - S3, -0.5], [-h, h, 0.0, 0.0],
+                     [-2 * S3, NAN, S3, S3]])
+    assert torch.equal(terms[1, :, 0], torch.zeros(4, dtype=torch.float64))   # exactly 0, not 1e-17
+    assert REWARD_AGGREGATIONS["gdpo"] is REWARD_AGGREGATIONS["normalize_then_sum"]
+
+
+def test_aggregate_rewards_sum_then_normalize_is_combine_rewards_hand():
+    combined, terms = aggregate_rewards(T(AGG), T([1.0, 0.5]), "sum_then_normalize")
+    # group 0: [1 + .5, 0 + .5, 0 + 0, 0 + (NaN skipped)] ; group 2 row 1: both NaN -> NaN
+    close(combined[0], [1.5, 0.5, 0.0, 0.0])
+    close(combined[2], [0.5, NAN, 1.5, 1.5])
+    close(terms[0, :, 1], [0.5, 0.5, 0.0, NAN])
+    close(combined.reshape(-1), combine_rewards(T(AGG).reshape(-1, 2), T([1.0, 0.5])))
+    with pytest.raises(ValueError, match="valid names.*normalize_then_sum.*sum_then_normalize"):
+        aggregate_rewards(T(AGG), T([1.0, 0.5]), "mean")
+    with pytest.raises(ValueError, match="rewards .B, G, R."):
+        aggregate_rewards(T(AGG)[0], T([1.0, 0.5]))
+
+
+def test_advantage_contributions_and_shares_hand():
+    # group 0 of AGG, sum_then_normalize, group scale, eps 0: combined [1.5, .5, 0, 0], mean .5,
+    # centred [1, 0, -.5, -.5], sum sq 1.5, std sqrt(.5) = .707107 -> adv [1.414214, 0, -.707107, -.707107]
+    # acc terms [1, 0, 0, 0]: mean .25 -> [.75, -.25, -.25, -.25] / .707107
+    # fmt terms [.5, .5, 0, (NaN -> 0)]: mean .25 -> [.25, .25, -.25, -.25] / .707107
+    _, terms = aggregate_rewards(T(AGG[:1]), T([1.0, 0.5]))
+    c = advantage_contributions(terms, "group", eps=0.0)
+    r2 = math.sqrt(0.5)
+    close(c[0, :, 0], [0.75 / r2, -0.25 / r2, -0.25 / r2, -0.25 / r2])
+    close(c[0, :, 1], [0.25 / r2, 0.25 / r2, -0.25 / r2, -0.25 / r2])
+    close(c.sum(-1), group_advantages(aggregate_rewards(T(AGG[:1]), T([1.0, 0.5]))[0], "group", 0.0)[0])
+    # shares: acc (.75 + 3 * .25) = 1.5, fmt 4 * .25 = 1.0 (same divisor) -> 1.5 / 2.5 = .6, .4
+    close(advantage_shares(c), [0.6, 0.4])
+    # a group whose combined reward is flat (1, 1, 1) although each reward varies: the rewards cancel,
+    # the advantage is exactly 0, so is every contribution; nothing has an advantage -> shares NaN
+    flat = T([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+    _, t = aggregate_rewards(flat, T([1.0, 1.0]))
+    c = advantage_contributions(t, "batch")
+    assert torch.equal(c, torch.zeros_like(c))
+    assert torch.isnan(advantage_shares(c)).all()
+
+
+def test_zero_std_groups_hand():
+    r = T([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [NAN, 2.0, NAN], [NAN, NAN, NAN], [3.0, NAN, 3.0]])
+    assert zero_std_groups(r).tolist() == [True, False, True, True, True]
+    # the same groups group_advantages sets to exactly 0
+    adv, _ = group_advantages(r)
+    assert ((adv == 0).all(1)).tolist() == [True, False, True, True, True]
+
+
+def test_select_groups_hand():
+    inf = [torch.tensor([True, False, True, False]), torch.tensor([False, True, False, False]),
+           torch.tensor([True, True, False, False])]
+    # informative in generation order: (0,0), (0,2), (1,1), (2,0), (2,1): the first 4
+    assert select_groups(inf, 4) == ([(0, 0), (0, 2), (1, 1), (2, 0)], 0)
+    # too few informative: (0,0) then the first uninformative ones (0,1), (0,2), (0,3) fill
+    assert select_groups([torch.tensor([True, False, False, False]), torch.zeros(4, dtype=torch.bool)], 4) == \
+        ([(0, 0), (0, 1), (0, 2), (0, 3)], 3)
+    assert select_groups(inf[:1], 2) == ([(0, 0), (0, 2)], 0)
+    with pytest.raises(ValueError, match="3 groups generated, 4 needed"):
+        select_groups([torch.ones(3, dtype=torch.bool)], 4)
+
+
+# --------------------------------------------------------------------------- entropy (issue 17)
+
+def test_entropy_threshold_and_mask_hand():
+    ent = T([[0.1, 0.5, 0.3, NAN], [0.9, 0.7, 7.0, 7.0]])
+    mask = T([[1, 1, 1, 0], [1, 1, 0, 0]]).bool()
+    valid = torch.where(mask, ent, torch.full_like(ent, NAN))
+    # sorted valid [.1, .3, .5, .7, .9]; top 40 % -> the 0.6 quantile: position .6 * 4 = 2.4
+    # -> .5 + .4 * (.7 - .5) = .58
+    thr = entropy_threshold(valid, 0.4)
+    close(thr, 0.58)
+    sel = high_entropy_mask(ent, mask, thr)
+    assert sel.tolist() == [[False, False, False, False], [True, True, False, False]]   # padding 7.0 never
+    close(entropy_threshold(valid, 1.0), 0.1)                 # 1.0: the minimum -> every valid token
+    assert high_entropy_mask(ent, mask, entropy_threshold(valid, 1.0)).sum() == 5
+    assert entropy_threshold(torch.full((3,), NAN), 0.2).item() == float("inf")
+    with pytest.raises(ValueError, match="top_quantile=0"):
+        entropy_threshold(valid, 0.0)
+
+
+def test_token_entropy_top_k_and_gradient_hand():
+    # logits z = log [4, 2, 1, 1] -> p = [.5, .25, .125, .125]
+    # H = .5 ln2 + .25 ln4 + 2 * .125 ln8 = 1.75 ln2
+    # top-2 renormalised [2/3, 1/3]: H2 = ln3 - (2/3) ln2 ; top-1: 0
+    # dH/dz_v = -p_v (log p_v + H) = ln2 * [-.375, .0625, .15625, .15625]
+    head = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(4))
+    z = torch.log(torch.tensor([[[4.0, 2.0, 1.0, 1.0]] * 3]))             # (1, 3, 4): 3 equal rows
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for k, want in [(2, math.log(3) - 2 / 3 * LN2), (1, 0.0), (9, 1.75 * LN2)]:
+        logp, ent, top = token_logprobs_from_hidden(head, z, ids, chunk_size=2, entropy_top_k=k)
+        close(ent, [[1.75 * LN2] * 3], tol=1e-5)
+        close(top, [[want] * 3], tol=1e-5)
+        close(logp, [[math.log(0.5)] * 3], tol=1e-5)
+    assert len(token_logprobs_from_hidden(head, z, ids)) == 2           # no top-k: two outputs as before
+    hidden = z.clone().requires_grad_(True)
+    _, ent = token_logprobs_from_hidden(head, hidden, ids, chunk_size=2, entropy_grad=True)   # checkpointed
+    ent.sum().backward()
+    close(hidden.grad, [[[LN2 * g for g in (-0.375, 0.0625, 0.15625, 0.15625)]] * 3], tol=1e-5)
+    _, ent = token_logprobs_from_hidden(head, z.clone().requires_grad_(True), ids)
+    assert not ent.requires_grad                                         # a metric unless asked
+
+
+def test_grpo_token_loss_pg_mask_and_entropy_bonus_hand():
+    logp = T([[0.0, -1.0, -2.0]], requires_grad=True)
+    ent = T([[2.0, 3.0, 5.0]], requires_grad=True)
+    ref = T([[-1.0, -2.0, 0.0]])
+    mask = T([[1, 1, 0]]).bool()
+    pg = T([[1, 0, 1]]).bool()
+    loss, m = grpo_token_loss(logp, None, ref, T([1.0]), mask, beta=0.1, pg_mask=pg, entropy=ent,
+                              entropy_coef=0.1)
+    # policy term (ratio 1, A = 1): -1 on token 0 only (token 1 unselected, token 2 padding)
+    # KL (k3) on both valid tokens: x = ref - logp = [-1, -1] -> e^-1 each
+    # bonus -0.1 * H on selected valid tokens: token 0 -> -0.2
+    k = math.exp(-1)
+    close(loss, [[-1 + 0.1 * k - 0.2, 0.1 * k, 0.0]])
+    close(m["entropy_bonus"], 0.2)                    # 0.1 * mean entropy of the selected tokens (2.0)
+    close(m["kl_mean"], k)
+    loss.sum().backward()
+    close(ent.grad, [[-0.1, 0.0, 0.0]])
+    # d/dlogp: token 0: -A + beta (1 - e^-1) ; token 1: beta (1 - e^-1) only
+    close(logp.grad, [[-1 + 0.1 * (1 - k), 0.1 * (1 - k), 0.0]])
+    with pytest.raises(ValueError, match="entropy_coef"):
+        grpo_token_loss(logp, None, None, T([1.0]), mask, entropy_coef=0.1)
+
+
+# --------------------------------------------------------------------------- issue 17 config fields
+
+def test_config_new_fields_validation_names_field_and_values():
+    assert GRPOConfig(reward_aggregation="gdpo", advantage_scale="batch").reward_aggregation == "gdpo"
+    cases = [
+        (dict(reward_aggregation="mean"), "reward_aggregation='mean': choose one of sum_then_normalize, "
+                                          "normalize_then_sum .aliases: gdpo."),
+        (dict(reward_aggregation="normalize_then_sum"), "advantage_scale one of batch, none"),
+        (dict(max_resample_rounds=-1), "max_resample_rounds=-1: must be >= 0"),
+        (dict(top_entropy_quantile=0.0), "top_entropy_quantile=0.0: must be in .0, 1., e.g. 0.2"),
+        (dict(top_entropy_quantile=1.5), "top_entropy_quantile=1.5"),
+        (dict(entropy_coef=-0.1), "entropy_coef=-0.1: must be >= 0"),
+        (dict(entropy_top_k=-1), "entropy_top_k=-1: must be >= 0"),
+        (dict(dynamic_sampling=1), "dynamic_sampling=1: expected true or false"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            GRPOConfig(**kw)
+
+
+def test_dr_grpo_normaliser_is_constant_rows_times_max_length():
+    """Dr. GRPO divides by (rows x L_max) whatever the mask holds: an empty row (a truncated
+    completion masked out) still counts, so the normaliser does not follow the truncation rate."""
+    from grpo.core import aggregate_loss
+    loss = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0], [7.0, 7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])   # row 3: truncated, masked out
+    # by hand: (1 + 2 + 5 + 6) / (3 rows * L_max 8) = 14 / 24
+    got = aggregate_loss(loss, mask, "dr_grpo", max_completion_length=8)
+    assert got.item() == pytest.approx(14 / 24)
+    # the global row count of the step, passed per micro-batch: the pieces sum to the whole
+    parts = [aggregate_loss(loss[i:i + 1], mask[i:i + 1], "dr_grpo", max_completion_length=8, num_rows=3)
+             for i in range(3)]
+    assert sum(p.item() for p in parts) == pytest.approx(14 / 24)
+    # num_sequences (non-empty rows, 2 here) does not change it
+    assert aggregate_loss(loss, mask, "dr_grpo", max_completion_length=8, num_sequences=2).item() \
+        == pytest.approx(14 / 24)

@@ -240,7 +240,8 @@ def test_microbatch_gradient_accumulation_equals_full_batch(mode, level):
     m_t, old_t, adv_t = torch.from_numpy(mask), torch.from_numpy(old), torch.from_numpy(adv)
     L = 8
     kw = dict(num_tokens=int(mask.sum()), max_completion_length=L)
-    kw["num_sequences"] = int((mask.sum(1) > 0).sum()) if mode == "seq_mean_token_mean" else mask.shape[0]
+    kw["num_sequences"] = int((mask.sum(1) > 0).sum())   # non-empty rows (seq_mean_token_mean)
+    kw["num_rows"] = mask.shape[0]                         # every row (Dr. GRPO's constant normaliser)
 
     lp = torch.from_numpy(logp).requires_grad_(True)
     full = aggregate_loss(policy_loss(lp, old_t, adv_t, m_t, ratio_level=level)[0], m_t, mode, max_completion_length=L)

@@ -1,6 +1,7 @@
 """GRPOTrainer in one process: it learns, it resumes exactly, it logs what it promises, and its
 checkpoints are atomic and verified."""
 import json
+import math
 import random
 import shutil
 import sys
@@ -165,3 +166,231 @@ def test_sft_trains_only_on_assistant_tokens(tiny_ckpt, tmp_path):
     history = trainer.train()
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert history[-1]["token_prob_mean"] > 0.6
+
+
+# --------------------------------------------------------------------------- issue 17
+
+class FlatFor(Reward):
+    """A constant reward (no spread: zero-std groups) for the items in ``flat``, the dense length
+    reward for the others."""
+    name = "flat_or_length"
+
+    def __init__(self, flat):
+        super().__init__()
+        self.flat = set(flat)
+
+    def score(self, sample):
+        if sample.extra["id"] in self.flat:
+            return 0.5
+        return max(0.0, 1.0 - abs(len(sample.completion) - 12) / 12)
+
+
+class CountingSampler(FixedSampler):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return super().__call__(*args, **kw)
+
+
+def _expected_attempts(trainer, round_idx, flat, b, max_extra):
+    """Extra rounds and zero-std share of attempt 0, worked out from the item streams."""
+    attempts = [trainer.items_for_round(round_idx, b)] + [trainer.resample_items(round_idx, k, b)
+                                                           for k in range(1, max_extra + 1)]
+    informative = 0
+    for k, items in enumerate(attempts):
+        informative += sum(it["id"] not in flat for it in items)
+        if informative >= b:
+            return k, sum(it["id"] in flat for it in attempts[0]) / b
+    return max_extra, sum(it["id"] in flat for it in attempts[0]) / b
+
+
+def test_dynamic_sampling_drops_zero_std_groups_and_refills_the_batch(tiny_ckpt, tmp_path):
+    flat = {"q0", "q1", "q2", "q3", "q4"}
+    cfg = make_config(str(tmp_path), max_steps=1, dynamic_sampling=True, max_resample_rounds=4)
+    trainer = GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor(flat)], args=cfg, train_dataset=dataset(),
+                          processor=tiny_model.processor)
+    trainer.sampler = CountingSampler()
+    seen_extra = []
+    for round_idx in range(4):
+        calls = trainer.sampler.calls
+        batch = trainer.rollout(round_idx)
+        extra, zero_frac = _expected_attempts(trainer, round_idx, flat, 2, 4)
+        m = batch.metrics
+        assert m["dynamic_sampling/extra_rounds"] == extra
+        assert m["dynamic_sampling/zero_std_fraction"] == zero_frac      # before refilling
+        assert trainer.sampler.calls - calls == extra + 1
+        assert len(batch.prompts) == len(batch.advantages) == batch.completions.ids.shape[0] == 8  # B*G kept
+        assert m["dynamic_sampling/filled_frac"] == 0.0 and m["frac_zero_std_groups"] == 0.0
+        groups = batch.scores[:, 0].view(2, 4)
+        assert (groups.amax(1) > groups.amin(1)).all()                   # only informative groups
+        assert (batch.advantages.view(2, 4) != 0).any(1).all()
+        seen_extra.append(extra)
+    assert max(seen_extra) >= 1                                          # it did resample
+    # the reassembled batch trains like any other
+    out = trainer.update(batch)
+    assert math.isfinite(out["loss"]) and out["grad_norm"] > 0
+
+
+def test_dynamic_sampling_gives_up_after_max_rounds_and_fills_with_zero_std_groups(tiny_ckpt, tmp_path):
+    cfg = make_config(str(tmp_path), max_steps=1, dynamic_sampling=True, max_resample_rounds=2)
+    trainer = GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor({f"q{i}" for i in range(8)})], args=cfg,
+                          train_dataset=dataset(), processor=tiny_model.processor)
+    trainer.sampler = CountingSampler()
+    m = trainer.rollout(0).metrics
+    assert trainer.sampler.calls == 3
+    assert (m["dynamic_sampling/extra_rounds"], m["dynamic_sampling/filled_frac"],
+            m["dynamic_sampling/zero_std_fraction"], m["frac_zero_std_groups"]) == (2.0, 1.0, 1.0, 1.0)
+    assert m["dynamic_sampling/generated_groups"] == 6.0
+
+
+def test_resume_with_dynamic_sampling_gives_the_same_next_steps(tiny_ckpt, tmp_path):
+    """Real sampling; the extra prompts are a function of (round, attempt), the RNG is restored."""
+    flat = {"q0", "q1", "q2", "q3"}
+
+    def run(out, steps, resume=None, save_steps=0):
+        cfg = make_config(str(out), max_steps=steps, save_steps=save_steps, resume_from_checkpoint=resume,
+                          dynamic_sampling=True, max_resample_rounds=3, loss_aggregation="token_mean")
+        return GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor(flat)], args=cfg, train_dataset=dataset(),
+                           processor=tiny_model.processor).train()
+    straight = run(tmp_path / "a", 5)
+    run(tmp_path / "b", 2, save_steps=2)
+    resumed = run(tmp_path / "b", 5, resume="auto")
+    for key in ("loss", "reward/mean", "grad_norm", "completion/length_mean", "dynamic_sampling/extra_rounds",
+                "dynamic_sampling/zero_std_fraction"):
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in straight[2:]], rel=1e-6, abs=1e-9), key
+    assert sum(h["dynamic_sampling/extra_rounds"] for h in straight) > 0
+
+
+def test_dynamic_sampling_ranks_stay_in_step(tiny_ckpt, tmp_path):
+    """Two ranks in two threads, joined by fake collectives: rank 1's own prompts carry no signal,
+    rank 0's do. Both make the same generation attempts; rank 0 keeps its own groups."""
+    import threading
+    world, slots, barrier = 2, [None, None], threading.Barrier(2)
+
+    def collective(rank, combine):
+        def op(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            out = combine(list(slots))
+            barrier.wait()
+            return out
+        return op
+
+    cfg = make_config(str(tmp_path), max_steps=1, dynamic_sampling=True, max_resample_rounds=3)
+    trainers = []
+    for rank in range(world):
+        t = GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor(set())], args=cfg, train_dataset=dataset(),
+                        processor=tiny_model.processor)
+        t.engine.world_size, t.engine.rank, t.engine.is_main = world, rank, rank == 0
+        t.engine.all_reduce_sum = collective(rank, lambda xs: sum(xs))
+        t.engine.all_gather_cat = collective(rank, lambda xs: torch.cat(xs))
+        t.sampler = CountingSampler()
+        trainers.append(t)
+    flat = {it["id"] for it in trainers[1].items_for_round(0, 2)}
+    assert not flat & {it["id"] for it in trainers[0].items_for_round(0, 2)}
+    for t in trainers:
+        t.rewards[0].flat = flat
+    batches = [None, None]
+
+    def run(rank):
+        batches[rank] = trainers[rank].rollout(0)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert all(b is not None for b in batches), "a rank hung or failed"
+    m0, m1 = batches[0].metrics, batches[1].metrics
+    assert trainers[0].sampler.calls == trainers[1].sampler.calls == m0["dynamic_sampling/extra_rounds"] + 1 >= 2
+    for key in ("dynamic_sampling/extra_rounds", "dynamic_sampling/zero_std_fraction", "reward/mean",
+                "dynamic_sampling/generated_groups"):
+        assert m0[key] == m1[key], key
+    assert m0["dynamic_sampling/zero_std_fraction"] == 0.5          # rank 1's 2 groups of 4
+    assert all(len(b.advantages) == 8 for b in batches)
+    # rank 0 trains on its own round-0 groups, as generated (FixedSampler: completions follow the prompt)
+    own = trainers[0].items_for_round(0, 2)
+    prompts = trainers[0].adapter.encode_prompts(*map(list, zip(*(trainers[0].prompt_fn(it) for it in own))))
+    assert torch.equal(batches[0].completions.ids, FixedSampler()(None, trainers[0].adapter,
+                                                                   prompts.repeat_interleave(4), cfg).ids)
+    # rank 1 replaced both of its zero-std groups with informative ones from the extra rounds
+    groups = batches[1].scores[:, 0].view(2, 4)
+    assert m1["dynamic_sampling/filled_frac"] == 0.0 and (groups.amax(1) > groups.amin(1)).all()
+
+
+def test_overlong_penalty_sees_completion_token_counts(tiny_ckpt, tmp_path):
+    from rewards import OverlongPenalty
+    cfg = make_config(str(tmp_path), max_steps=1, max_completion_length=8)
+    trainer = GRPOTrainer(tiny_model(tiny_ckpt), [OverlongPenalty(buffer=4), LengthReward()], args=cfg,
+                          train_dataset=dataset(), processor=tiny_model.processor)
+    trainer.sampler = FixedSampler()
+    batch = trainer.rollout(0)
+    lengths = batch.completions.lengths.tolist()
+    # L_max 8, buffer 4: 0 up to 4 tokens, then (4 - L) / 4 down to -1 at 8 (a truncated completion)
+    expected = [0.0 if n <= 4 else (4 - n) / 4 for n in lengths]
+    assert batch.scores[:, 0].tolist() == pytest.approx(expected)
+    assert min(expected) == -1.0 and max(expected) == 0.0 and len(set(expected)) > 2
+    assert set(batch.metrics) >= {"advantage_share/overlong", "advantage_share/length"}
+
+
+def test_top_entropy_quantile_and_entropy_bonus(tiny_ckpt, tmp_path):
+    cfg = make_config(str(tmp_path), max_steps=1, micro_batch_size=8, top_entropy_quantile=0.5,
+                      entropy_coef=0.05, loss_aggregation="token_mean", entropy_top_k=5)
+    trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
+                          processor=tiny_model.processor)
+    trainer.sampler = FixedSampler()
+    batch = trainer.rollout(0)
+    valid, pg = batch.loss_mask.bool(), batch.pg_mask
+    assert not (pg & ~valid).any()
+    n = int(valid.sum())
+    assert abs(int(pg.sum()) - n / 2) <= 1
+    assert batch.metrics["entropy/selected_frac"] == pytest.approx(int(pg.sum()) / n)
+    _, ent = trainer._logprobs(trainer.engine.forward, batch.prompts, batch.completions)
+    assert ent[pg].min() >= batch.metrics["entropy/threshold"] > ent[valid & ~pg].max()
+
+    # advantages 0: the policy term vanishes, what is left is the bonus on the selected tokens
+    batch.advantages = torch.zeros_like(batch.advantages)
+    out = trainer.update(batch)
+    bonus = float((ent * pg).sum() / pg.sum())
+    assert out["loss"] == pytest.approx(-0.05 * float((ent * pg).sum()) / n, rel=1e-4)
+    assert out["entropy/bonus"] == pytest.approx(0.05 * bonus, rel=1e-4)
+    assert out["grad_norm"] > 0                                       # the bonus has a gradient
+    assert 0 < out["entropy/top_k"] <= math.log(5) + 1e-6
+    # no token selected: neither the policy gradient nor the bonus acts
+    batch.advantages = torch.linspace(-1, 1, len(batch.advantages))
+    batch.pg_mask = torch.zeros_like(pg)
+    out = trainer.update(batch)
+    assert out["loss"] == 0.0 and out["grad_norm"] == 0.0
+
+
+class HasLetterA(Reward):
+    name = "has_a"
+
+    def score(self, sample):
+        return float("a" in sample.completion.lower())
+
+
+def test_normalize_then_sum_matches_gdpo_and_changes_the_advantage_shares(tiny_ckpt, tmp_path):
+    from test_issue17_reference import ref_gdpo_advantages
+    shares = {}
+    for mode, scale in (("sum_then_normalize", "group"), ("normalize_then_sum", "batch")):
+        cfg = make_config(str(tmp_path / mode), max_steps=1, prompts_per_step=4, reward_aggregation=mode,
+                          advantage_scale=scale, reward_weights=(1.0, 0.2))
+        trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward(), HasLetterA()], args=cfg,
+                              train_dataset=dataset(), processor=tiny_model.processor)
+        trainer.sampler = FixedSampler()
+        batch = trainer.rollout(0)
+        shares[mode] = [batch.metrics["advantage_share/length"], batch.metrics["advantage_share/has_a"]]
+        assert sum(shares[mode]) == pytest.approx(1.0)
+        if mode == "normalize_then_sum":
+            ref = ref_gdpo_advantages(batch.scores.view(4, 4, 2).double().numpy(), [1.0, 0.2], cfg.advantage_eps)
+            assert batch.advantages.tolist() == pytest.approx(ref.reshape(-1).tolist(), abs=1e-5)
+        # reward/mean stays the weighted sum of the raw rewards, whatever the aggregation
+        raw = [a + 0.2 * b for a, b in batch.scores.tolist()]
+        assert batch.metrics["reward/mean"] == pytest.approx(sum(raw) / len(raw), rel=1e-6)
+    # Summed raw, the 0/1 reward's spread (~0.5) outweighs the length reward's despite its weight 0.2;
+    # z-scored first, each reward's share follows its weight: 0.2 / 1.2 = 0.167
+    by_weight = 0.2 / 1.2
+    assert abs(shares["normalize_then_sum"][1] - by_weight) < 0.02
+    assert abs(shares["sum_then_normalize"][1] - by_weight) > 0.05
