@@ -6,6 +6,8 @@
 level is the public API: the trainers and their configs, evaluation, and the two helpers a
 launcher needs (``init_distributed``, ``default_device``). See docs/architecture.md.
 """
+from .base import PreflightError
+from .checkpoint import CheckpointWriteError
 from .config import GRPOConfig, SFTConfig
 from .engine import default_device, init_distributed
 from .evaluate import EvalResult, evaluate
@@ -14,4 +16,4 @@ from .sft import SFTTrainer
 from .trainer import GRPOTrainer
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "EvalResult", "evaluate",
-           "default_device", "init_distributed", "default_reward_sample"]
+           "default_device", "init_distributed", "default_reward_sample", "PreflightError", "CheckpointWriteError"]

@@ -1,5 +1,6 @@
-"""What the GRPO and SFT trainers share: model loading, the back-end, data order, the step loop,
-metrics logging, checkpoints and resume. A subclass implements ``training_step(step) -> metrics``."""
+"""What the GRPO and SFT trainers share: model loading, the back-end, data order, the pre-flight
+check, the step loop, metrics logging, checkpoints and resume. A subclass implements
+``training_step(step) -> metrics``."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data.convert import as_records
 from models.adapter import QwenVLAdapter
 
 from . import checkpoint as ckpt
@@ -20,11 +22,20 @@ from .metrics import MetricsLog
 from .samples import default_prompt
 
 
+class PreflightError(RuntimeError):
+    """A check run before the first rollout failed (``TrainingConfig.preflight``): the output
+    folder, a reward or the judge would have failed the run later. The message lists every
+    problem found, each naming the setting to fix."""
+
+
 class BaseTrainer:
     name = "train"
 
     def __init__(self, model, args: TrainingConfig, train_dataset, processor=None, ref_model=None,
                  adapter=None, prompt_fn=None, needs_ref: bool = False):
+        # a Hugging Face datasets.Dataset goes through data's layouts (or is read row by row
+        # when it already holds chat "messages"); lists of records or dicts pass unchanged
+        train_dataset = as_records(train_dataset)
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
         self.args, self.dataset = args, train_dataset
@@ -98,6 +109,8 @@ class BaseTrainer:
     def train(self) -> list[dict]:
         a = self.args
         start = self._resume()
+        if a.preflight and start < a.max_steps:
+            self.preflight()
         log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start if start else None,
                          enabled=self.engine.is_main)
         history = []
@@ -118,6 +131,43 @@ class BaseTrainer:
             if self.can_save(self.step) and (periodic or self.step == a.max_steps):
                 self.save()
         return history
+
+    # ---------------------------------------------------------------- pre-flight
+    def preflight(self) -> None:
+        """Check, before the first rollout, what would otherwise fail the run minutes or hours in
+        (see :meth:`preflight_problems`); raise :class:`PreflightError` listing every problem.
+
+        Runs on every start, a resume included (after a crash, the disk or the judge is what to
+        check), after the checkpoint is loaded. Every rank checks; the ranks exchange their
+        problems, so all of them raise together (none is left waiting in a collective). The RNG
+        states are restored afterwards: the check never changes what the run samples."""
+        rng = ckpt.rng_state()
+        try:
+            problems = self.preflight_problems()
+        except Exception as err:  # a bug in a check must not leave the other ranks waiting below
+            problems = [f"the pre-flight check itself failed: {type(err).__name__}: {err}"]
+        finally:
+            ckpt.set_rng_state(rng)
+        everyone = self.engine.all_gather_objects(problems)
+        ranks_of: dict[str, list[int]] = {}
+        for rank, found in enumerate(everyone):
+            for p in found:
+                ranks_of.setdefault(p, []).append(rank)
+        if not ranks_of:
+            return
+        world = len(everyone)
+        lines = [p + (f" [rank {', '.join(map(str, r))}]" if world > 1 and len(r) < world else "")
+                 for p, r in ranks_of.items()]
+        raise PreflightError(f"{type(self).__name__}: the pre-flight check found {len(lines)} problem(s) before "
+                             f"the first rollout (TrainingConfig.preflight=False skips the check):\n  - "
+                             + "\n  - ".join(lines))
+
+    def preflight_problems(self) -> list[str]:
+        """This rank's problems (each naming the field to fix); the base trainer checks that
+        ``output_dir`` is writable and has room for one checkpoint (estimated by
+        :func:`grpo.checkpoint.estimate_checkpoint_bytes`: weights + Adam state + a margin)."""
+        need, how = ckpt.estimate_checkpoint_bytes(self.engine.model, deepspeed=bool(self.args.deepspeed))
+        return ckpt.output_dir_problems(self.output_dir, need, how)
 
     def trainer_state(self) -> dict:
         """What a checkpoint records besides weights, optimizer and RNG (JSON; no secrets: the

@@ -13,6 +13,9 @@ import importlib
 import json
 import math
 import os
+import signal
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -53,6 +56,50 @@ def init_distributed(always: bool = False) -> None:
     else:
         torch.cuda.set_device(default_device())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    install_rank_failure_hook()
+
+
+EXIT_TIMEOUT_ENV = "GRPO_EXIT_TIMEOUT_S"
+_PEER_LOST = ("closed by peer", "reset by peer", "broken pipe", "ncclremoteerror", "remote process exit",
+              "timed out")
+_failure_hook_installed = False
+
+
+def install_rank_failure_hook() -> None:
+    """In a multi-process run, make an uncaught exception end this rank promptly and say so.
+
+    The rank prints ``[rankR]: grpo: rank R of W (pid, host) failed with <Type>: <message>``,
+    then its traceback (torch prefixes each line with ``[rankR]:``), and ends within
+    ``GRPO_EXIT_TIMEOUT_S`` seconds (default 10; 0 turns the limit off) even when its teardown
+    blocks, e.g. on a collective that its peers will never join: SIGALRM, whose default action
+    ends the process, is armed before the normal exit (atexit handlers, finalisation) runs.
+    Its exit is what stops the others: a launcher stops the ranks of its node when one exits
+    non-zero, and ranks on other nodes see their next collective fail. Idempotent; a no-op in
+    one process. Called by ``init_distributed`` and ``DeepSpeedEngine``."""
+    global _failure_hook_installed
+    if _failure_hook_installed or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    _failure_hook_installed = True
+    rank, world, previous = dist.get_rank(), dist.get_world_size(), sys.excepthook
+
+    def hook(kind, err, tb):
+        try:
+            limit = float(os.environ.get(EXIT_TIMEOUT_ENV, "10"))
+            if limit > 0:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(max(1, math.ceil(limit)))
+        except (ValueError, OSError, AttributeError):  # a bad value, or no SIGALRM (Windows)
+            pass
+        first = (str(err).splitlines() or [""])[0]
+        hint = ("; this rank lost contact with another one, whose own 'failed with' line names the "
+                "original error" if any(k in str(err).lower() for k in _PEER_LOST) else "")
+        sys.stderr.write(f"[rank{rank}]: grpo: rank {rank} of {world} (pid {os.getpid()} on "
+                         f"{socket.gethostname()}) failed with {kind.__name__}: {first}{hint}\n")
+        sys.stderr.flush()
+        previous(kind, err, tb)
+        sys.stderr.flush()
+
+    sys.excepthook = hook
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -192,6 +239,7 @@ class DeepSpeedEngine(TorchEngine):
     def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, ref_module=None):
         import deepspeed
         init_distributed(always=True)
+        install_rank_failure_hook()  # also when the caller set up the process group itself
         self.cfg, self.world_size, self.rank = cfg, dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
         ds = deepspeed_config(cfg, self.world_size, _hidden_size(module))
@@ -259,19 +307,16 @@ class DeepSpeedEngine(TorchEngine):
 
     @contextlib.contextmanager
     def generation_model(self):
-        """Under ZeRO-3, gather every parameter once and lift DeepSpeed's per-module hooks for the
-        rollout, so ``generate`` does not re-gather each layer at every token."""
+        """Under ZeRO-3, gather every parameter once and lift DeepSpeed's per-module hooks from the
+        Hugging Face model for the rollout, so ``generate`` does not re-gather each layer at every
+        token; the parameter-fetch trace survives (``zero3_hooks_lifted``)."""
         if self.zero_stage != 3:
             yield self.model
             return
         import deepspeed
-        offload = self.engine.optimizer.parameter_offload
         with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters())):
-            offload._remove_module_hooks()
-            try:
+            with zero3_hooks_lifted(self.engine.optimizer.parameter_offload, self.model):
                 yield self.model
-            finally:
-                offload._register_deepspeed_module(offload.module)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
@@ -307,6 +352,79 @@ class DeepSpeedEngine(TorchEngine):
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
         if path is None:
             raise RuntimeError(f"{folder}/deepspeed: DeepSpeed found no checkpoint to load")
+
+
+@contextlib.contextmanager
+def zero3_hooks_lifted(offload, model: torch.nn.Module):
+    """Take DeepSpeed ZeRO-3's per-module fetch/release hooks off ``model`` (the engine's module or
+    a sub-module of it) for the body, then put them back as they were.
+
+    ``offload`` is the engine's ``DeepSpeedZeRoOffload``. Its parameter coordinator records the
+    order in which modules fetch their parameters during a forward and backward (the trace); once
+    the trace is complete it gathers the next modules' parameters ahead of use (prefetch), and a
+    forward pre-hook on the engine's module restarts the trace's step counter at every forward
+    (``setup_zero_stage3_hooks``). What this keeps, and the previous version lost (issue 15):
+
+    * the engine's module keeps its hooks, the per-forward reset among them, since only
+      ``model``'s modules lose theirs (``generate`` runs ``model``, never the engine's module).
+      ``_remove_module_hooks`` also removed the reset hook and nothing put it back: the trace
+      stayed invalid from the first rollout on and every later forward and backward gathered
+      each module's parameters on demand, with nothing prefetched.
+    * the modules' ``ds_id``s, by which the trace knows them: re-registration numbers modules
+      from a counter; it restarts here at ``model``'s own id, where a plain re-registration
+      continues a process-wide one. So the trace stays complete across rounds. DeepSpeed drops
+      the trace itself when the engine's module is re-registered (``model`` being that module),
+      and so does this function should the ids differ anyway; either way it is recorded again
+      over the next forward and backward.
+    * DeepSpeed's hook lists hold only live handles (they grew by a full set per round)."""
+    modules = list(model.modules())
+    ids = [getattr(m, "ds_id", None) for m in modules]  # below a ZeRO-3 leaf module there are none
+    if ids[0] is None:  # inside a ZeRO-3 leaf module: DeepSpeed hooked none of these modules
+        yield model
+        return
+    owned = {id(d) for m in modules for d in (m._forward_pre_hooks, m._forward_hooks)}
+
+    def on_model(handle) -> bool:
+        hooks = handle.hooks_dict_ref()
+        return hooks is not None and id(hooks) in owned
+
+    for name in ("forward_hooks", "backward_hooks"):
+        handles = getattr(offload, name)
+        for handle in handles:
+            if on_model(handle):
+                handle.remove()
+        setattr(offload, name, [h for h in handles if not on_model(h)])
+    try:
+        yield model
+    finally:
+        offload._register_deepspeed_module(model, count=[ids[0]])
+        coordinator = offload.get_param_coordinator()
+        if [getattr(m, "ds_id", None) for m in modules] != ids and not coordinator.is_invalid_trace():
+            coordinator._invalidate_trace()
+        _forget_stale_release_plans(coordinator)
+
+
+def _forget_stale_release_plans(coordinator) -> None:
+    """Work around a DeepSpeed memo that outlives the trace it was computed from.
+
+    After each module, the coordinator releases the parameters that the rest of the trace does
+    not use again soon (``__params_to_release``). DeepSpeed memoises that answer with
+    ``functools.lru_cache`` per (coordinator, module, step) and never forgets it when the trace is
+    recorded again. In GRPO with mu > 1 the first trace is a forward-only one (the no-grad pass
+    that stores the old log-probs); the forward-and-backward trace that replaces it keeps the
+    memo's "not used again": every forward then releases the parameters its backward needs, and
+    the backward gathers them again, module by module, on demand. Called after each rollout:
+    when the complete trace is not the one seen last time, drop the memo (recomputed on the
+    next step, once per module). Nothing happens if DeepSpeed renames these internals."""
+    trace = getattr(coordinator, "_PartitionedParameterCoordinator__submodule_order", None)
+    if trace is None or not coordinator.is_complete_trace() or getattr(coordinator, "_grpo_planned_for", None) is trace:
+        return
+    method = getattr(type(coordinator), "_PartitionedParameterCoordinator__params_to_release", None)
+    for cache in [method, *(c.cell_contents for c in getattr(method, "__closure__", None) or ())]:
+        if callable(getattr(cache, "cache_clear", None)):
+            cache.cache_clear()  # one memo for every coordinator in the process: only recomputation
+            coordinator._grpo_planned_for = trace
+            return
 
 
 def _hidden_size(module) -> int | None:

@@ -5,6 +5,7 @@ encoded by the adapter and the target tokens (ending with the adapter's ``end_of
 scored by the same chunked log-prob module, so SFT and GRPO share model loading, DeepSpeed,
 checkpoints and metrics.
 Loss = -(sum of target-token log-probs) / (target tokens in the whole optimizer step).
+Its pre-flight check (``SFTConfig.preflight``) covers only the output folder: SFT has no rewards.
 """
 from __future__ import annotations
 

@@ -53,7 +53,9 @@ def train(tiny_ckpt, out, judge_cfg, items=None, steps=2, **kw):
 
 
 def test_judge_down_for_the_whole_run_trains_on_the_other_reward(tiny_ckpt, tmp_path):
-    t = train(tiny_ckpt, tmp_path, JudgeConfig(base_url=closed_port_url(), timeout=2.0, **FAST))
+    # preflight=False: the judge dies after the start (the pre-flight check would stop this run at
+    # once, see test_rel_preflight.py); here training must go on without it
+    t = train(tiny_ckpt, tmp_path, JudgeConfig(base_url=closed_port_url(), timeout=2.0, **FAST), preflight=False)
     with pytest.warns(RuntimeWarning, match=r"reward 'process' abstained on 100.0% .*connect_error"):
         history = t.train()
     for step, h in enumerate(history, 1):
@@ -87,7 +89,7 @@ def test_judge_failing_for_half_the_prompts(tiny_ckpt, tmp_path, fault_judge):
 def test_judge_slower_than_the_timeout_abstains_and_the_window_threshold_stops(tiny_ckpt, tmp_path, fault_judge):
     items = scripted_items(lambda i: "delay3000")
     cfg = JudgeConfig(base_url=fault_judge.url, timeout=0.3, **{**FAST, "max_retries": 0})
-    t = train(tiny_ckpt, tmp_path, cfg, items, steps=3, max_abstain_rate=0.9, abstain_window=2)
+    t = train(tiny_ckpt, tmp_path, cfg, items, steps=3, max_abstain_rate=0.9, abstain_window=2, preflight=False)
     weights_after_step_1 = {}
     update = t.update
 
@@ -107,7 +109,7 @@ def test_judge_slower_than_the_timeout_abstains_and_the_window_threshold_stops(t
 
 def test_threshold_stops_a_dead_judge_run_before_its_first_update(tiny_ckpt, tmp_path):
     t = train(tiny_ckpt, tmp_path, JudgeConfig(base_url=closed_port_url(), timeout=2.0, **FAST),
-              max_abstain_rate=0.5)
+              max_abstain_rate=0.5, preflight=False)
     before = [p.detach().clone() for p in t.engine.model.parameters()]
     with pytest.warns(RuntimeWarning), pytest.raises(AbstainRateError, match="'process'.*100.0%.*step 1"):
         t.train()
