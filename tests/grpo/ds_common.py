@@ -93,3 +93,83 @@ def tiny_model(ckpt):
 
 def gathered_params(model):
     return {n: p.detach().float().flatten()[:64].tolist() for n, p in model.named_parameters()}
+
+
+class ZeroFetchProbe:
+    """What DeepSpeed's ZeRO-3 parameter coordinator of a ``grpo.engine.DeepSpeedEngine`` does.
+
+    ``trace()``: the coordinator's fetch-trace mode, "complete" (it prefetches the next modules'
+    parameters from the recorded order), "record" (recording it during this forward/backward) or
+    "invalid" (neither: every module fetches its own parameters on demand). ``counts``: cumulative
+    counts of the coordinator's profiler events, with their element counts in ``numel``:
+    ``{forward,backward}_fetch_submit`` (a module had to gather parameters nobody had prefetched:
+    on demand, blocking), ``*_prefetch_submit`` (gathers issued ahead from the trace),
+    ``*_all_gather`` (collectives issued, one per coalesced group), ``*_fetch_wait`` (module
+    fetches), ``reset_step`` (the coordinator's per-forward reset, called by the hook on the
+    engine's module) and ``trace_invalidated`` (a recorded trace dropped: a module came out of
+    the recorded order, or DeepSpeed re-registered the engine's module). The events come from
+    replacing the coordinator's private profiler, which DeepSpeed builds disabled; the assert
+    makes a DeepSpeed rename fail loudly instead of counting zeros."""
+
+    _PROFILER = "_PartitionedParameterCoordinator__profiler"
+
+    def __init__(self, grpo_engine):
+        import collections
+        self.offload = grpo_engine.engine.optimizer.parameter_offload
+        self.coord = self.offload.get_param_coordinator()
+        assert hasattr(self.coord, self._PROFILER), "DeepSpeed renamed the coordinator's profiler"
+        self.counts, self.numel = collections.Counter(), collections.Counter()
+        setattr(self.coord, self._PROFILER, self)
+        reset_step = self.coord.reset_step
+
+        def counted_reset_step():
+            self.counts["reset_step"] += 1
+            reset_step()
+        self.coord.reset_step = counted_reset_step  # the hook looks it up on the instance each time
+        invalidate = self.coord._invalidate_trace
+
+        def counted_invalidate():
+            self.counts["trace_invalidated"] += 1
+            invalidate()
+        self.coord._invalidate_trace = counted_invalidate
+
+    # the profiler's interface, as the coordinator calls it
+    def start_event(self, name):
+        pass
+
+    def stop_event(self, name, num_elem):
+        self.counts[name] += 1
+        self.numel[name] += int(num_elem)
+
+    def reset_events(self):
+        pass
+
+    def log_events(self):
+        pass
+
+    # readings
+    def trace(self) -> str:
+        c = self.coord
+        return "complete" if c.is_complete_trace() else "record" if c.is_record_trace() else "invalid"
+
+    def trace_length(self) -> int:
+        """Modules in the recorded trace (forward, then backward)."""
+        return len(getattr(self.coord, "_PartitionedParameterCoordinator__submodule_order"))
+
+    def reset_hook_registered(self) -> bool:
+        """Whether the engine's module still carries DeepSpeed's start-of-forward hook (the
+        one that calls ``reset_step``; ``setup_zero_stage3_hooks``)."""
+        return self.offload.fwd_pre_hook.id in self.offload.module._forward_pre_hooks
+
+    def ds_ids(self) -> list:
+        return [getattr(m, "ds_id", None) for m in self.offload.module.modules()]
+
+    def hook_counts(self) -> tuple[int, int]:
+        return len(self.offload.forward_hooks), len(self.offload.backward_hooks)
+
+    def snapshot(self) -> dict:
+        return {**self.counts, **{f"numel/{k}": v for k, v in self.numel.items()}}
+
+    @staticmethod
+    def delta(after: dict, before: dict) -> dict:
+        return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
