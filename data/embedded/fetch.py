@@ -31,6 +31,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..readers import file_sha256
 from .assets import ASSETS
 
 
@@ -85,14 +86,6 @@ def target_folder() -> Path:
 def relative_path(item) -> Path:
     """``<package>-<version>/<file>`` of a WheelFile or an Asset."""
     return Path(f"{item.package}-{item.version}") / item.file
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find(item) -> Path | None:

@@ -1,6 +1,10 @@
 """Pieces shared by the 1-process and 2-process runs of the DeepSpeed tests."""
 import json
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -47,6 +51,29 @@ class LengthReward(Reward):
         return max(0.0, 1.0 - abs(len(sample.completion) - 12) / 12)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(script: str, out, ckpt, timeout: int = 600) -> list[dict]:
+    """Run ``tests/grpo/<script> OUT CKPT`` as 2 processes under torchrun (gloo, CPU DeepSpeed, a
+    fresh DeepSpeed config in ``out``) and return each rank's ``rank<r>.json``; the test fails with
+    the job's output when it exits non-zero."""
+    import pytest
+    root = Path(__file__).resolve().parents[2]
+    write_ds_config(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root),
+           "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(root / "tests" / "grpo" / script), str(out), str(ckpt)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"2-process job {script} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def dataset(n=8, with_images=True):
     from PIL import Image
     items = []
@@ -76,6 +103,17 @@ class FixedSampler:
         ids = torch.stack(rows)
         mask, truncated = mask_after_eos(ids, adapter.eos_token_ids)
         return Completions(ids, mask, truncated)
+
+
+class CountingSampler(FixedSampler):
+    """A FixedSampler that counts generation calls (0 after a failed pre-flight = no rollout)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        return super().__call__(*args, **kw)
 
 
 def make_config(out, **kw):

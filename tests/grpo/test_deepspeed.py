@@ -1,40 +1,20 @@
 """DeepSpeed ZeRO-3 on CPU with 2 real processes (gloo): one job per test session runs every
 scenario (tests/grpo/ds_scenarios.py) and writes JSON; these tests check it against a
 1-process run of the same global batch computed here."""
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_common import FIXED_BATCH, FixedSampler, LengthReward, dataset, gathered_params, make_config, tiny_model, write_ds_config  # noqa: E402
+from ds_common import FIXED_BATCH, FixedSampler, LengthReward, dataset, gathered_params, make_config, run_two_ranks, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ds")
-    write_ds_config(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
-           "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "tests/grpo/ds_scenarios.py"), str(out), str(tiny_ckpt)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"2-process DeepSpeed job failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks("ds_scenarios.py", tmp_path_factory.mktemp("ds"), tiny_ckpt, timeout=900)
 
 
 def test_zero3_partitions_every_parameter(two_ranks):

@@ -1,39 +1,19 @@
 """Dynamic sampling across 2 real processes (DeepSpeed ZeRO-3 on CPU, gloo): the decision to
 generate more is global, so both ranks make the same generation rounds and the job neither hangs
 nor lets a rank train on zero-std groups it could have replaced (tests/grpo/ds_dynamic_sampling.py)."""
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_common import write_ds_config  # noqa: E402
+from ds_common import run_two_ranks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_dynamic_sampling_two_ranks_generate_in_step(tiny_ckpt, tmp_path):
-    write_ds_config(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
-           "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "tests/grpo/ds_dynamic_sampling.py"), str(tmp_path),
-           str(tiny_ckpt)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"2-process job failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_two_ranks("ds_dynamic_sampling.py", tmp_path, tiny_ckpt)
     assert r0["flat_own"] == [] and len(r1["flat_own"]) > 0        # only rank 1's prompts lack signal
     assert r0["calls"] == r1["calls"] > 2                          # extra rounds, made by both ranks
     # metrics are averaged over ranks: the global decision makes them agree

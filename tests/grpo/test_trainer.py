@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_common import FixedSampler, LengthReward, dataset, make_config, tiny_model  # noqa: E402
+from ds_common import CountingSampler, FixedSampler, LengthReward, dataset, make_config, tiny_model  # noqa: E402
 
 from grpo import GRPOConfig, GRPOTrainer
 from grpo.checkpoint import latest_checkpoint, verify
@@ -183,15 +183,6 @@ class FlatFor(Reward):
         if sample.extra["id"] in self.flat:
             return 0.5
         return max(0.0, 1.0 - abs(len(sample.completion) - 12) / 12)
-
-
-class CountingSampler(FixedSampler):
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, *args, **kw):
-        self.calls += 1
-        return super().__call__(*args, **kw)
 
 
 def _expected_attempts(trainer, round_idx, flat, b, max_extra):

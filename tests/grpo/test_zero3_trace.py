@@ -9,40 +9,20 @@ re-recorded after any change. Lifting that hook too (and never putting it back) 
 invalid from the first rollout on: every later forward and backward gathered each module's
 parameters on demand, with nothing in flight ahead of it.
 """
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_common import write_ds_config  # noqa: E402
+from ds_common import run_two_ranks  # noqa: E402
 
 pytestmark = pytest.mark.distributed
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("zero3_trace")
-    write_ds_config(out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT),
-           "MASTER_ADDR": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "tests/grpo/ds_zero3_trace.py"), str(out), str(tiny_ckpt)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"2-process job failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks("ds_zero3_trace.py", tmp_path_factory.mktemp("zero3_trace"), tiny_ckpt)
 
 
 def test_the_trace_is_complete_after_every_generation_round_but_the_first(ranks):

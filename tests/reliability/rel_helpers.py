@@ -20,6 +20,23 @@ ROOT = HERE.parent.parent
 RUNNER = HERE / "crash_runner.py"
 
 
+def wait_for_line(lines: queue.Queue, proc, prefix: str, timeout: float, tail) -> str:
+    """The first line from ``lines`` (a reader thread's queue, None at end of output) starting with
+    ``prefix``. AssertionError with ``tail()`` if ``proc`` ends first; TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if line is None:
+            proc.wait()
+            raise AssertionError(f"process exited ({proc.returncode}) before {prefix!r}:\n{tail()}")
+        if line.startswith(prefix):
+            return line.strip()
+    raise TimeoutError(f"no {prefix!r} line within {timeout:.0f}s:\n{tail()}")
+
+
 class Run:
     """The crash runner as a subprocess; stdout lines are collected by a thread."""
 
@@ -47,20 +64,12 @@ class Run:
 
     def wait_for(self, prefix: str, timeout: float = 240.0) -> str:
         """The first stdout line starting with ``prefix``; fails if the process ends first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.proc.wait()
-                raise AssertionError(f"runner exited ({self.proc.returncode}) before {prefix!r}:\n"
-                                     f"{''.join(self.stdout)[-2000:]}\n{self.stderr[-4000:]}")
-            if line.startswith(prefix):
-                return line.strip()
-        self.kill()
-        raise AssertionError(f"no {prefix!r} line within {timeout:.0f}s")
+        try:
+            return wait_for_line(self.lines, self.proc, prefix, timeout,
+                                 lambda: f"{''.join(self.stdout)[-2000:]}\n{self.stderr[-4000:]}")
+        except TimeoutError as err:
+            self.kill()
+            raise AssertionError(str(err)) from None
 
     def kill(self) -> None:
         """SIGKILL: no handler, no atexit, no flush runs in the child."""
@@ -96,3 +105,17 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 
+
+
+def assert_same_metrics_and_weights(out: Path, ref: dict, steps: int, compared) -> None:
+    """``out`` logged every step exactly once with ``ref``'s values of ``compared`` metrics, and
+    its final checkpoint holds bitwise ``ref``'s weights."""
+    from grpo.metrics import read_metrics
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))     # none duplicated or missing
+    for got, want in zip(rows, ref["metrics"]):
+        for key in compared:
+            assert got[key] == want[key], (got["step"], key, got[key], want[key])
+    final = weights(out / f"checkpoint-{steps}")
+    assert final.keys() == ref["weights"].keys()
+    assert all(torch.equal(final[k], ref["weights"][k]) for k in final)   # bitwise

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "grpo"))
 from ds_common import write_ds_config  # noqa: E402
-from rel_helpers import cache_keys, weights  # noqa: E402
+from rel_helpers import assert_same_metrics_and_weights, cache_keys, wait_for_line, weights  # noqa: E402
 
 from grpo.checkpoint import MANIFEST, latest_checkpoint
 from grpo.metrics import read_metrics
@@ -106,18 +106,10 @@ class Job:
         self.lines.put(None)
 
     def wait_for(self, prefix: str, timeout: float = 300.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.proc.wait()
-                raise AssertionError(f"job exited ({self.proc.returncode}) before {prefix!r}:\n{self.tail()}")
-            if line.startswith(prefix):
-                return line.strip()
-        raise AssertionError(f"no {prefix!r} line within {timeout:.0f}s:\n{self.tail()}")
+        try:
+            return wait_for_line(self.lines, self.proc, prefix, timeout, self.tail)
+        except TimeoutError as err:
+            raise AssertionError(str(err)) from None
 
     def tail(self) -> str:
         return "".join(self.output)[-6000:]
@@ -257,14 +249,8 @@ def test_zero3_run_killed_13_times_ends_bitwise_equal_to_an_uninterrupted_run(ti
     print("kills (point, last logged step, resumable checkpoint):", json.dumps(log))
     assert killed == len(KILLS) >= 10
 
-    rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))             # each step exactly once
-    for got, want in zip(rows, ref["metrics"]):
-        for key in COMPARED:
-            assert got[key] == want[key], (got["step"], key, got[key], want[key])
+    assert_same_metrics_and_weights(out, ref, STEPS, COMPARED)   # each step once, bitwise weights
     final = weights(out / f"checkpoint-{STEPS}")
-    assert final.keys() == ref["weights"].keys()
-    assert all(torch.equal(final[k], ref["weights"][k]) for k in final)    # bitwise
     from safetensors.torch import load_file
     start = load_file(str(Path(tiny_ckpt) / "model.safetensors"))
     assert any(not torch.equal(final[k], start[k]) for k in final.keys() & start.keys())  # training moved them

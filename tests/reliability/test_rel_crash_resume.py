@@ -9,10 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rel_helpers import Run, cache_keys, successes, weights  # noqa: E402
+from rel_helpers import Run, assert_same_metrics_and_weights, cache_keys, successes, weights  # noqa: E402
 
 from grpo.checkpoint import MANIFEST, latest_checkpoint
 from grpo.metrics import read_metrics
@@ -50,14 +49,7 @@ def reference(judge, tiny_ckpt, tmp_path_factory):
 
 
 def assert_same_final_state(out: Path, ref: dict) -> None:
-    rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))     # none duplicated or missing
-    for got, want in zip(rows, ref["metrics"]):
-        for key in COMPARED:
-            assert got[key] == want[key], (got["step"], key, got[key], want[key])
-    final = weights(out / f"checkpoint-{STEPS}")
-    assert final.keys() == ref["weights"].keys()
-    assert all(torch.equal(final[k], ref["weights"][k]) for k in final)   # bitwise
+    assert_same_metrics_and_weights(out, ref, STEPS, COMPARED)
     rounds = [json.loads(x)["round"] for x in (out / "completions.jsonl").read_text().splitlines()]
     assert rounds == [r for r in range(STEPS) for _ in range(2)]       # 2 logged per round, once
     assert not list(out.glob(".tmp-checkpoint-*"))

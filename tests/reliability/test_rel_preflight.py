@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "grpo"))
-from ds_common import FixedSampler, LengthReward, dataset, make_config, tiny_model  # noqa: E402
+from ds_common import CountingSampler, LengthReward, dataset, make_config, tiny_model  # noqa: E402
 
 from grpo import GRPOTrainer
 from grpo.base import PreflightError
@@ -30,17 +30,6 @@ from rewards import FormatReward, JudgeConfig, OverlongPenalty, ProcessReward, R
 from rewards.judge.server import start_local_judge
 
 Usage = namedtuple("Usage", "total used free")
-
-
-class CountingSampler(FixedSampler):
-    """Counts generation calls: 0 after a failed pre-flight check means no rollout started."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, *args, **kw):
-        self.calls += 1
-        return super().__call__(*args, **kw)
 
 
 def trainer(tiny_ckpt, out, rewards=None, items=None, **kw):
