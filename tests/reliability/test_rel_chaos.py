@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -100,10 +101,25 @@ class Job:
     def _read(self):
         for line in self.proc.stdout:
             self.output.append(line)
-            if line.startswith("READY"):
-                self.pids.add(int(line.split("pid=")[1]))
+            # the ranks share this pipe: two READY lines can arrive run together on one line
+            self.pids.update(int(pid) for pid in re.findall(r"READY rank=\d+ pid=(\d+)", line))
             self.lines.put(line)
         self.lines.put(None)
+
+    def finish(self, timeout: float = 600.0) -> None:
+        """Wait for the job to end by itself, successfully, with both ranks' ``DONE`` printed. The
+        ranks share torchrun's stdout, so their two lines can arrive interleaved on one line:
+        look for the text, not for lines starting with it."""
+        assert self.proc.wait(timeout) == 0, self.tail()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the reader thread has seen the end of output
+            try:
+                if self.lines.get(timeout=1.0) is None:
+                    break
+            except queue.Empty:
+                continue
+        text = "".join(self.output)
+        assert "DONE rank=0" in text and "DONE rank=1" in text, self.tail()
 
     def wait_for(self, prefix: str, timeout: float = 300.0) -> str:
         try:
@@ -186,9 +202,7 @@ def reference(tiny_ckpt, tmp_path_factory, ds_json):
     judge = JudgeServer(out.parent / "reference-judge.log")
     job = Job(out / "run", tiny_ckpt, judge, ds_json)
     try:
-        job.wait_for("DONE", timeout=600)
-        job.wait_for("DONE", timeout=600)
-        assert job.proc.wait(60) == 0, job.tail()
+        job.finish(timeout=600)
         run = out / "run"
         yield {"metrics": read_metrics(run / "metrics.jsonl"), "weights": weights(run / f"checkpoint-{STEPS}"),
                "keys": cache_keys(run / "judge.sqlite"), "paid": judge.paid() - probes(run)}
@@ -239,9 +253,7 @@ def test_zero3_run_killed_13_times_ends_bitwise_equal_to_an_uninterrupted_run(ti
             stale.unlink(missing_ok=True)
         job = Job(out, tiny_ckpt, judge, ds_json)
         try:
-            job.wait_for("DONE", timeout=600)
-            job.wait_for("DONE", timeout=600)
-            assert job.proc.wait(60) == 0, job.tail()
+            job.finish(timeout=600)
         finally:
             job.kill()
     finally:
