@@ -55,8 +55,7 @@ import numpy as np  # noqa: E402
 
 from data import load_embedded  # noqa: E402
 from rewards import JudgeConfig, ProcessReward, RewardSample, score_all  # noqa: E402
-from rewards.judge.audit import AuditRecord, build_chains  # noqa: E402
-from rewards.judge.rubric import parse_checkable  # noqa: E402
+from rewards.judge.audit import AuditRecord, build_chains, chain_text, sentence, wrong_claim  # noqa: E402
 from rewards.judge.server import start_local_judge  # noqa: E402
 
 KIND_WEIGHTS = {"correct": 0.22, "reordered": 0.10, "partial": 0.16, "truncated": 0.10, "wrong_value": 0.14,
@@ -67,23 +66,6 @@ COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "f
 
 # --- chains ----------------------------------------------------------------------------------------
 
-def _sentence(text: str) -> str:
-    text = text.strip().rstrip(".")
-    return text[:1].upper() + text[1:] + "." if text else ""
-
-
-def _chain(statements: list[str], conclusion: str, tag: str) -> str:
-    think = " ".join(_sentence(s) for s in statements if s)
-    return f"<think>{(think + ' ' + conclusion).strip()}</think>\n<answer>{tag}</answer>"
-
-
-def _wrong(criterion: str) -> str:
-    check = parse_checkable(criterion)
-    if check is None:
-        return f"it is not true that {criterion}"
-    return f"{check.subject} {check.verb} {check.alternatives[0]}, not {check.value}"
-
-
 def kinds_for(record: AuditRecord, audit: dict[str, str], rng: random.Random) -> dict[str, str]:
     """One completion of every kind for ``record`` (fresh random choices on every call)."""
     crit, letter = list(record.criteria), record.choice
@@ -92,20 +74,20 @@ def kinds_for(record: AuditRecord, audit: dict[str, str], rng: random.Random) ->
            "empty": audit["empty_reasoning"], "answer_only": audit["answer_only"]}
     shuffled = crit[:]
     rng.shuffle(shuffled)
-    out["reordered"] = _chain(shuffled, f"Therefore the answer is {letter}.", letter)
+    out["reordered"] = chain_text(shuffled, f"Therefore the answer is {letter}.", letter)
     if len(crit) > 1:
         keep = rng.sample(crit, rng.randint(1, len(crit) - 1))
-        out["partial"] = _chain([c for c in crit if c in keep], so, letter)
+        out["partial"] = chain_text([c for c in crit if c in keep], so, letter)
     else:
-        out["partial"] = _chain(crit, "", letter)               # observation without a conclusion
+        out["partial"] = chain_text(crit, "", letter)               # observation without a conclusion
     full = audit["correct"]
     start, end = len("<think>"), full.index("</think>")
     out["truncated"] = full[:rng.randint(start + 10, max(start + 11, end - 5))]
     wrong = set(rng.sample(range(len(crit)), rng.randint(1, len(crit))))
-    out["wrong_value"] = _chain([_wrong(c) if i in wrong else c for i, c in enumerate(crit)], so, letter)
+    out["wrong_value"] = chain_text([wrong_claim(c) if i in wrong else c for i, c in enumerate(crit)], so, letter)
     others = [LETTERS[i] for i in range(len(record.options or [])) if LETTERS[i] != letter]
     other = rng.choice(others) if others else "no"
-    out["wrong_answer"] = _chain(crit, f"So the answer is {other}.", other)
+    out["wrong_answer"] = chain_text(crit, f"So the answer is {other}.", other)
     return out
 
 

@@ -158,9 +158,17 @@ def load_records(path: str | Path, n: int | None = None, check_images: bool = Tr
 
 # --- chains ----------------------------------------------------------------------------------
 
-def _sentence(text: str) -> str:
+def sentence(text: str) -> str:
+    """``text`` as one sentence: capitalised, one final full stop ("" stays "")."""
     text = text.strip().rstrip(".").strip()
     return text[:1].upper() + text[1:] + "." if text else ""
+
+
+def chain_text(statements: list[str], conclusion: str, tag: str) -> str:
+    """A completion in the answer format: the statements as sentences, then ``conclusion``, in
+    ``<think>``, and ``tag`` in ``<answer>``."""
+    think = " ".join(s for s in (sentence(x) for x in statements) if s)
+    return f"<think>{f'{think} {conclusion}'.strip()}</think>\n<answer>{tag}</answer>"
 
 
 def _conclusion(record: AuditRecord) -> str:
@@ -168,9 +176,7 @@ def _conclusion(record: AuditRecord) -> str:
 
 
 def _complete(record: AuditRecord, statements: list[str]) -> str:
-    think = " ".join(s for s in (_sentence(x) for x in statements) if s)
-    think = f"{think} {_conclusion(record)}".strip()
-    return f"<think>{think}</think>\n<answer>{record.choice}</answer>"
+    return chain_text(statements, _conclusion(record), record.choice)
 
 
 def _soup(record: AuditRecord) -> str:
@@ -181,7 +187,8 @@ def _soup(record: AuditRecord) -> str:
     return " ".join(normalize(p) for p in pieces if normalize(p))
 
 
-def _wrong(criterion: str) -> str:
+def wrong_claim(criterion: str) -> str:
+    """The criterion with its value swapped for the other alternative (a checkable error)."""
     check = parse_checkable(criterion)
     if check is None:
         return f"it is not true that {criterion}"
@@ -191,7 +198,7 @@ def _wrong(criterion: str) -> str:
 def _both(criterion: str) -> str:
     check = parse_checkable(criterion)
     if check is None:
-        return f"{_sentence(criterion)} It is not true that {criterion}"
+        return f"{sentence(criterion)} It is not true that {criterion}"
     return f"{check.subject} {check.verb} {check.value} and {check.alternatives[0]}"
 
 
@@ -217,7 +224,7 @@ def build_chains(records: list[AuditRecord]) -> list[tuple[int, str, str]]:
         if source is not None:
             kinds["copied_criteria"] = _complete(r, source.criteria)
         if r.criteria:
-            kinds["wrong_value"] = _complete(r, [_wrong(c) for c in r.criteria])
+            kinds["wrong_value"] = _complete(r, [wrong_claim(c) for c in r.criteria])
             kinds["both_values"] = _complete(r, [_both(c) for c in r.criteria])
         chains += [(i, kind, kinds[kind]) for kind in KINDS if kind in kinds]
     return chains
