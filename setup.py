@@ -38,8 +38,13 @@ setup(
         # Parquet files (Hugging Face copies of PathVQA, VQA-RAD) and datasets.Dataset objects;
         # data/ reads Parquet through pyarrow and never imports datasets itself.
         "data": ["pyarrow>=15", "datasets>=2.19"],
+        # LoRA adapters (peft_config= on GRPOTrainer / SFTTrainer; models/lora.py imports peft).
+        "lora": ["peft>=0.21"],
         # Plots of the PathVLM-R1 report (examples/pathvlm_r1.py).
         "report": ["matplotlib>=3.8"],
+        # report_to="tensorboard" / "wandb" (grpo/reporting.py imports them only when chosen).
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.20"],
         # Baselines used only by bench/ (never imported by the library itself).
         "bench": ["trl>=0.20"],
     },

@@ -158,10 +158,10 @@ def worker_ours(cfg: dict) -> dict:
     items = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(i)}]}],
               "images": [img], "question": question(i), "answer": "A"}
              for i, img in enumerate(images(n, cfg["image_px"], cfg["seed"]))]
-    args = GRPOConfig(num_generations=cfg["g"], prompts_per_step=cfg["prompts"], micro_batch_size=cfg["prompts"] * cfg["g"],
+    args = GRPOConfig(num_generations=cfg["g"], per_device_train_batch_size=cfg["prompts"] * cfg["g"],
                       max_steps=cfg["steps"] + cfg["warmup"], max_completion_length=cfg["tokens"], beta=cfg["beta"],
-                      learning_rate=cfg["lr"], loss_aggregation="seq_mean_token_mean", seed=cfg["seed"],
-                      reuse_prompts=cfg.get("reuse", True), output_dir="/tmp/grpo-bench/ours", progress_bar=False)
+                      learning_rate=cfg["lr"], loss_type="grpo", seed=cfg["seed"],
+                      reuse_prompts=cfg.get("reuse", True), output_dir="/tmp/grpo-bench/ours", disable_tqdm=True)
     trainer = GRPOTrainer(model, [LengthReward()], args=args, train_dataset=items, adapter=ForcedLength(proc))
     if cfg.get("sampler") == "hf":  # the "before": HF generate on every row, kept with the tests
         sys.path.insert(0, str(ROOT / "tests" / "grpo"))

@@ -5,8 +5,8 @@ base, cached under $GRPO_VLM_CACHE, built in ~2 min if absent), a short SFT on t
 it answers in the <think>/<answer> format part of the time, then a few GRPO steps on the RL split
 with accuracy + format + process (the local rubric judge on 127.0.0.1), once per aggregation:
 
-    sum_then_normalize  (advantage_scale "group": the paper's GRPO)
-    normalize_then_sum  (advantage_scale "batch": GDPO / TRL multi_objective_aggregation)
+    sum_then_normalize  (scale_rewards "group": the paper's GRPO)
+    normalize_then_sum  (scale_rewards "batch": GDPO / TRL multi_objective_aggregation)
 
 Reported per run: ``advantage_share/<reward>`` (sum over samples of |reward r's part of the
 advantage| / sum over rewards; grpo.core.advantage_contributions) per step and averaged, and the
@@ -93,9 +93,9 @@ def main() -> int:
     # a short SFT (the pipeline's Alpha stage, shortened) so that formats and answers vary
     model, processor = pipe.load(base, profile, args)
     sft = SFTConfig(**pipe.config_fields(profile, SFTConfig, prefix="sft_"), max_steps=opts.sft_steps,
-                    warmup_steps=2, seed=opts.seed, output_dir=str(work / "sft"), progress_bar=False)
+                    warmup_steps=2, seed=opts.seed, output_dir=str(work / "sft"), disable_tqdm=True)
     t0 = time.time()
-    sft_trainer = SFTTrainer(model, sft, train_dataset=parts["sft"], processor=processor)
+    sft_trainer = SFTTrainer(model, sft, train_dataset=parts["sft"], processing_class=processor)
     sft_trainer.train()
     sft_trainer.save_model(work / "alpha")
     sft_seconds = time.time() - t0
@@ -115,11 +115,11 @@ def main() -> int:
                        ProcessReward(JudgeConfig(base_url=judge.url, model="rubric",
                                                  cache_path=str(work / f"judge-{mode}.sqlite")))]
             cfg = GRPOConfig(**pipe.config_fields(profile, GRPOConfig), max_steps=opts.grpo_steps,
-                             seed=opts.seed, output_dir=str(work / mode), progress_bar=False,
-                             reward_aggregation=mode, advantage_scale=scale)
-            cfg = cfg.replace(prompts_per_step=opts.prompts_per_step,
-                              micro_batch_size=opts.prompts_per_step * cfg.num_generations)
-            trainer = GRPOTrainer(model, rewards, args=cfg, train_dataset=parts["rl"], processor=processor)
+                             seed=opts.seed, output_dir=str(work / mode), disable_tqdm=True,
+                             multi_objective_aggregation=mode, scale_rewards=scale)
+            cfg = cfg.replace(per_device_train_batch_size=opts.prompts_per_step * cfg.num_generations,
+                              gradient_accumulation_steps=1)
+            trainer = GRPOTrainer(model, rewards, args=cfg, train_dataset=parts["rl"], processing_class=processor)
             rollout, seen = trainer.rollout, []
 
             def recording_rollout(round_idx, rollout=rollout, seen=seen):
@@ -131,7 +131,7 @@ def main() -> int:
             history = trainer.train()
             names = [r.name for r in rewards]
             result["runs"][mode] = {
-                "advantage_scale": scale, "seconds": round(time.time() - t0, 1),
+                "scale_rewards": scale, "seconds": round(time.time() - t0, 1),
                 "advantage_share_mean": {n: mean([h.get(f"advantage_share/{n}") for h in history]) for n in names},
                 "advantage_share_per_step": [{n: h.get(f"advantage_share/{n}") for n in names} for h in history],
                 "reward_mean": {n: mean([h.get(f"reward/{n}/mean") for h in history]) for n in names},

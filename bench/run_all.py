@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["step_vs_trl", "overhead", "logprob_memory", "image_scaling", "zero3_prefetch"]
+BENCHES = ["step_vs_trl", "overhead", "logprob_memory", "image_scaling", "zero3_prefetch", "zero3", "zero3_reuse"]
 TINY_ONLY = {"zero3_prefetch"}  # builds its own tiny model; takes no --model
 # bench/reward_aggregation.py and bench/judge_groupwise.py measure rewards, not speed: run them on their own.
 
@@ -28,4 +28,6 @@ if __name__ == "__main__":
         if path.is_file():
             r = json.loads(path.read_text())
             summary[name] = {"ratio": r.get("ratio"), "target": r.get("target"), "target_met": r.get("target_met")}
+            if r.get("ratios"):  # benchmarks with several comparisons (zero3_prefetch, zero3, zero3_reuse)
+                summary[name]["ratios"] = r["ratios"]
     print(json.dumps(summary, indent=2))

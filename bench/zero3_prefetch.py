@@ -117,10 +117,11 @@ def worker(variant: str, cfg: dict, out: str) -> None:
     items = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question(i)}]}],
               "images": [img], "question": question(i), "answer": "A"}
              for i, img in enumerate(images(n, cfg["image_px"], cfg["seed"]))]
-    args = GRPOConfig(num_generations=cfg["g"], prompts_per_step=cfg["prompts"], micro_batch_size=cfg["micro_batch"],
+    args = GRPOConfig(num_generations=cfg["g"], per_device_train_batch_size=cfg["micro_batch"],
+                      gradient_accumulation_steps=cfg["prompts"] * cfg["g"] // cfg["micro_batch"],
                       max_steps=cfg["steps"] + cfg["warmup"], max_completion_length=cfg["tokens"], beta=cfg["beta"],
                       num_iterations=cfg["mu"], learning_rate=cfg["lr"], seed=cfg["seed"],
-                      deepspeed=os.path.join(out, "ds.json"), output_dir=os.path.join(out, "run"), progress_bar=False)
+                      deepspeed=os.path.join(out, "ds.json"), output_dir=os.path.join(out, "run"), disable_tqdm=True)
     trainer = GRPOTrainer(model, [LengthReward()], args=args, train_dataset=items, adapter=ForcedLength(proc))
     probe = ZeroFetchProbe(trainer.engine)
     steps, updates, events = [], [], []  # events: the policy coordinator's, per training step

@@ -95,9 +95,9 @@ def from_hf_dataset(dataset, layout: str = "auto", image_root: str | None = None
 
 
 class RowView(Sequence):
-    """A dataset of chat-format rows (a ``messages`` column) as a read-only sequence of dicts,
-    decoded one row at a time by ``datasets`` (images become PIL images) rather than all at
-    once."""
+    """A dataset of chat-format rows (a ``messages`` column, or TRL's ``prompt``) as a read-only
+    sequence of dicts, decoded one row at a time by ``datasets`` (images become PIL images) rather
+    than all at once."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -114,12 +114,13 @@ class RowView(Sequence):
 def as_records(items, **options):
     """``items`` as the trainers, evaluation and splitting take them. A list (or any sequence
     that is not a ``datasets`` object) is returned as it is. A ``datasets.Dataset`` with a
-    ``messages`` column holds ready chat items: it is returned as a :class:`RowView` of dict
-    items (see ``grpo.samples``). Any other dataset is converted through the layouts by
-    :func:`from_hf_dataset` (``options`` are its keyword arguments) into a :class:`VQADataset`."""
+    ``messages`` column holds ready chat items, one with a ``prompt`` column rows in TRL's format:
+    either is returned as a :class:`RowView` of dict items (see ``grpo.samples``). Any other
+    dataset is converted through the layouts by :func:`from_hf_dataset` (``options`` are its
+    keyword arguments) into a :class:`VQADataset`."""
     if not is_hf_dataset(items):
         return items
-    if "messages" in (items.column_names or []):
+    if {"messages", "prompt"} & set(items.column_names or []):  # chat items, or TRL's prompt format
         if not hasattr(items, "__len__"):
             return [dict(row) for row in items]
         return RowView(items)

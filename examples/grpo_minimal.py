@@ -45,9 +45,9 @@ def main(argv=None) -> list[dict]:
     model = ensure_tiny_checkpoint(out / "tiny-model")   # <- or your Qwen2.5-VL checkpoint folder
     records = data.load_embedded("pathology", n=8)        # <- or data.load_dataset("train.jsonl")
     rewards = [AccuracyReward(), FormatReward(), ConciseReasoning()]
-    config = GRPOConfig(num_generations=4, prompts_per_step=2, micro_batch_size=8, max_steps=args.steps,
+    config = GRPOConfig(num_generations=4, per_device_train_batch_size=8, max_steps=args.steps,
                         learning_rate=1e-4, max_completion_length=32, beta=0.04,
-                        output_dir=str(out / "grpo"), progress_bar=False)
+                        output_dir=str(out / "grpo"), disable_tqdm=True)
     trainer = GRPOTrainer(str(model), rewards, args=config, train_dataset=records)  # loads the processor too
     history = trainer.train()
 

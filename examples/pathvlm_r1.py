@@ -68,16 +68,16 @@ class Profile:
     pretrain_items: int = 2400            # captioned tiles from a stream no split draws from
     # --- SFT stages (SFTConfig) ---
     sft_learning_rate: float = 1e-5
-    sft_lr_scheduler: str = "cosine"
-    sft_batch_size: int = 16
-    sft_micro_batch_size: int = 4
+    sft_lr_scheduler_type: str = "cosine"
+    sft_per_device_train_batch_size: int = 4
+    sft_gradient_accumulation_steps: int = 4   # 16 examples per step
     sft_max_target_length: int = 192
     sft_epochs: float = 1.0               # -> SFTConfig.max_steps
     # --- GRPO stages (GRPOConfig) ---
     learning_rate: float = 1e-6           # paper
     num_generations: int = 4              # paper: G = 4
-    prompts_per_step: int = 2
-    micro_batch_size: int = 4
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 2  # 8 completions = 2 prompts x G per step
     max_completion_length: int = 192      # paper
     beta: float = 0.04                    # paper
     temperature: float = 1.0
@@ -92,6 +92,16 @@ class Profile:
     ood_per_modality: int | None = None   # None: everything the OOD source holds
     validation_fraction: float = 0.1      # --validate: the tail of the SFT and RL splits held out
     tiny_model: tuple[tuple[str, int], ...] = ()  # TinySpec overrides when no --model is given
+
+    @property
+    def sft_batch_size(self) -> int:
+        """SFT examples per process per step."""
+        return self.sft_per_device_train_batch_size * self.sft_gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        """GRPO prompts per process per step."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
 
 
 def config_fields(profile: Profile, config_cls, prefix: str = "") -> dict:
@@ -113,8 +123,10 @@ PAPER = Profile()
 #   update went to fixing them), at 1e-4 with top-p 0.9 and beta 0.2 3.5 points; at 3e-5 / 0.9 it
 #   held Alpha's accuracy (+0.5).
 TINY = Profile(pretrain_steps=300, pretrain_learning_rate=5e-4, pretrain_items=2400,
-               sft_learning_rate=5e-4, sft_batch_size=16, sft_micro_batch_size=16, sft_max_target_length=64,
-               learning_rate=3e-5, top_p=0.9, grpo_epochs=0.75, prompts_per_step=8, micro_batch_size=32,
+               sft_learning_rate=5e-4, sft_per_device_train_batch_size=16, sft_gradient_accumulation_steps=1,
+               sft_max_target_length=64,
+               learning_rate=3e-5, top_p=0.9, grpo_epochs=0.75, per_device_train_batch_size=32,
+               gradient_accumulation_steps=1,  # 8 prompts x G=4
                max_completion_length=64, eval_batch=128, freeze_vision=False, grpo_freeze_vision=True,
                ood_per_modality=50,  # 25 with the finding, 25 without, per modality
                # vision 128 / text 256 wide (2.6M parameters): the 0.85M-parameter default plateaus at
@@ -122,7 +134,7 @@ TINY = Profile(pretrain_steps=300, pretrain_learning_rate=5e-4, pretrain_items=2
                tiny_model=(("vision_hidden", 128), ("vision_intermediate", 256), ("text_hidden", 256),
                            ("text_intermediate", 512)))
 QUICK = replace(TINY, sizes=(48, 16, 24), pretrain_steps=3, pretrain_items=24, sft_epochs=2.0, grpo_epochs=1.0,
-                prompts_per_step=4, micro_batch_size=16, max_completion_length=48, sft_max_target_length=48,
+                per_device_train_batch_size=16, gradient_accumulation_steps=1, max_completion_length=48, sft_max_target_length=48,
                 ood_per_modality=4, tiny_model=())
 
 
@@ -206,7 +218,7 @@ def base_model(args, parts: dict, out: Path, profile: Profile) -> Path:
             cfg = SFTConfig(**config_fields(pretrain_profile, SFTConfig, prefix="sft_"), max_steps=profile.pretrain_steps,
                             warmup_steps=max(1, profile.pretrain_steps // 20),
                             **run_fields("pretrain", args, tmp) | {"save_steps": 0})
-            trainer = SFTTrainer(model, cfg, train_dataset=captions, processor=processor)
+            trainer = SFTTrainer(model, cfg, train_dataset=captions, processing_class=processor)
             trainer.train()
             trainer.save_model(tmp / "model")
         else:
@@ -247,7 +259,7 @@ def load(path: Path, profile: Profile, args):
 def run_fields(name: str, args, out: Path) -> dict:
     """What every stage's config takes from the command line rather than the profile."""
     return dict(seed=args.seed, output_dir=str(out / "stages" / name), save_steps=args.save_steps,
-                resume_from_checkpoint="auto", deepspeed=args.deepspeed, progress_bar=not args.no_progress)
+                resume_from_checkpoint="auto", deepspeed=args.deepspeed, disable_tqdm=args.no_progress)
 
 
 def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) -> dict:
@@ -255,7 +267,7 @@ def sft_stage(name, parent: Path, records, profile: Profile, args, out: Path) ->
     steps = max(1, round(profile.sft_epochs * len(records) / profile.sft_batch_size / world_size()))
     cfg = SFTConfig(**config_fields(profile, SFTConfig, prefix="sft_"), max_steps=steps,
                     warmup_steps=max(1, steps // 20), **run_fields(name, args, out))
-    trainer = SFTTrainer(model, cfg, train_dataset=records, processor=processor)
+    trainer = SFTTrainer(model, cfg, train_dataset=records, processing_class=processor)
     history = trainer.train()
     trainer.save_model(out / "models" / name)
     return {"steps": steps, "final_loss": history[-1]["loss"] if history else None}
@@ -266,9 +278,9 @@ def grpo_stage(name, parent: Path, records, rewards, profile: Profile, args, out
         profile = replace(profile, freeze_vision=profile.grpo_freeze_vision)
     model, processor = load(parent, profile, args)
     steps = max(1, round(profile.grpo_epochs * len(records) / profile.prompts_per_step / world_size()))
-    cfg = GRPOConfig(**config_fields(profile, GRPOConfig), max_steps=steps, log_completions=2,
+    cfg = GRPOConfig(**config_fields(profile, GRPOConfig), max_steps=steps, log_completions=True, num_completions_to_print=2,
                      **run_fields(name, args, out))
-    trainer = GRPOTrainer(model, rewards, args=cfg, train_dataset=records, processor=processor)
+    trainer = GRPOTrainer(model, rewards, args=cfg, train_dataset=records, processing_class=processor)
     history = trainer.train()
     trainer.save_model(out / "models" / name)
     last = history[-min(10, len(history)):] if history else []

@@ -41,12 +41,12 @@ from models import load_policy, load_processor  # noqa: E402
 from rewards import AccuracyReward, FormatReward, OverlongPenalty  # noqa: E402
 
 RECIPES = {
-    "grpo": dict(loss_aggregation="seq_mean_token_mean", advantage_scale="group", beta=0.04,
-                 epsilon_low=0.2, epsilon_high=0.2),
-    "dapo": dict(loss_aggregation="token_mean", advantage_scale="group", beta=0.0, epsilon_low=0.2,
+    "grpo": dict(loss_type="grpo", scale_rewards="group", beta=0.04,
+                 epsilon=0.2, epsilon_high=0.2),
+    "dapo": dict(loss_type="dapo", scale_rewards="group", beta=0.0, epsilon=0.2,
                  epsilon_high=0.28, dynamic_sampling=True, max_resample_rounds=3),
-    "dr_grpo": dict(loss_aggregation="seq_mean_token_sum_norm", advantage_scale="none", beta=0.0,
-                    epsilon_low=0.2, epsilon_high=0.2),
+    "dr_grpo": dict(loss_type="dr_grpo", scale_rewards="none", beta=0.0,
+                    epsilon=0.2, epsilon_high=0.2),
 }
 
 
@@ -78,12 +78,12 @@ def run_recipe(recipe: str, seed: int, alpha: Path, parts: dict, profile, args) 
     steps = max(1, round(profile.grpo_epochs * len(parts["rl"]) / profile.prompts_per_step))
     fields = pipeline.config_fields(profile, GRPOConfig) | RECIPES[recipe]
     cfg = GRPOConfig(**fields, max_steps=steps, seed=seed, output_dir=str(out), save_steps=0,
-                     progress_bar=not args.no_progress)
+                     disable_tqdm=args.no_progress)
     processor = load_processor(alpha, profile.min_pixels, profile.max_pixels)
     model = load_policy(pipeline.model_config(alpha, profile))
     t0 = time.time()
     trainer = GRPOTrainer(model, rewards_for(recipe, profile), args=cfg, train_dataset=parts["rl"],
-                          processor=processor)
+                          processing_class=processor)
     trainer.train()
     seconds = time.time() - t0
     model = trainer.engine.model.eval()

@@ -4,6 +4,7 @@ check, the step loop, metrics logging, checkpoints and resume. A subclass implem
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,7 @@ from . import checkpoint as ckpt
 from .config import TrainingConfig
 from .engine import deepspeed_config, init_distributed, make_engine
 from .logprobs import CompletionLogProbs
-from .metrics import MetricsLog
+from .reporting import Reporter, require_backends
 from .samples import default_prompt
 
 
@@ -31,29 +32,54 @@ class PreflightError(RuntimeError):
 class BaseTrainer:
     name = "train"
 
-    def __init__(self, model, args: TrainingConfig, train_dataset, processor=None, ref_model=None,
-                 adapter=None, prompt_fn=None, needs_ref: bool = False):
+    def __init__(self, model, args: TrainingConfig, train_dataset, processing_class=None, ref_model=None,
+                 adapter=None, prompt_fn=None, needs_ref: bool = False, peft_config=None):
         # a Hugging Face datasets.Dataset goes through data's layouts (or is read row by row
-        # when it already holds chat "messages"); lists of records or dicts pass unchanged
+        # when it already holds chat "messages" or TRL's "prompt"); lists of records or dicts pass unchanged
         train_dataset = as_records(train_dataset)
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("train_dataset is empty")
+        # max_steps = -1: num_train_epochs passes over the dataset, resolved here once (the LR
+        # schedule, the loop and checkpoints then read args.max_steps); WORLD_SIZE is set by every
+        # launcher (torchrun, deepspeed, accelerate) before this runs
+        if args.max_steps < 0:
+            args = args.replace(max_steps=args.steps_for(len(train_dataset), int(os.environ.get("WORLD_SIZE", 1))))
         self.args, self.dataset = args, train_dataset
         from models.loading import ModelConfig
         if isinstance(model, (str, Path)):
             model = ModelConfig(str(model))
         if isinstance(model, ModelConfig):  # loaded here, partitioned from the start under ZeRO-3
-            model, processor, ref_model = self._load(model, processor, ref_model, needs_ref)
-        if processor is None and adapter is None:
-            raise ValueError("pass processor= (models.load_processor(path)) or adapter=")
-        self.adapter = adapter or QwenVLAdapter(processor)
+            model, processing_class, ref_model = self._load(model, processing_class, ref_model,
+                                                            needs_ref and peft_config is None)
+        if processing_class is None and adapter is None:
+            raise ValueError("pass processing_class= (models.load_processor(path)) or adapter=")
+        self.adapter = adapter or QwenVLAdapter(processing_class)
         self.prompt_fn = prompt_fn or default_prompt
-        if needs_ref and ref_model is None:
+        # LoRA (models.lora, peft imported only then): adapters injected in place, the rest frozen;
+        # without ref_model the reference is this network with its adapters disabled, not a copy
+        self.lora = None
+        if peft_config is not None:
+            from models.lora import LoraPolicy
+            cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):  # adapters from args.seed; the run's RNG untouched
+                torch.manual_seed(args.seed)
+                self.lora = LoraPolicy(model, peft_config, needs_reference=needs_ref and ref_model is None)
+        if needs_ref and ref_model is None and self.lora is None:
             import copy
             ref_model = copy.deepcopy(model).requires_grad_(False).eval()  # the starting policy
         torch.manual_seed(args.seed)
-        ref = CompletionLogProbs(ref_model, self.adapter, args.logprob_chunk_size) if needs_ref else None
+        ref = (CompletionLogProbs(ref_model, self.adapter, args.logprob_chunk_size)
+               if needs_ref and ref_model is not None else None)
         self.engine = make_engine(CompletionLogProbs(model, self.adapter, args.logprob_chunk_size), args, ref)
+        # Each rank samples from its own stream, seed + rank (as TRL / accelerate's device-specific
+        # seeding), so sampling noise is not correlated across ranks; rank 0 of a run keeps the
+        # run seed. Checkpoints save and restore every rank's RNG state, so a resume stays exact.
+        self.sampling_seed = args.seed + self.engine.rank
+        torch.manual_seed(self.sampling_seed)
+        if self.lora is not None:
+            self.engine.lora = self.lora  # saves and checkpoints hold the adapters
+            if needs_ref and ref is None:
+                self.engine.ref_module = self.lora.reference(self.engine.forward)
         self.output_dir = Path(args.output_dir)
         self.step = 0
         self.skipped_steps = 0  # optimizer steps not applied (non-finite loss or gradients), cumulative
@@ -93,7 +119,7 @@ class BaseTrainer:
 
     def micro_batches(self, n: int) -> list[list[int]]:
         """Row indices of each micro-batch of an n-row step batch."""
-        size = self.args.micro_batch_size
+        size = self.args.per_device_train_batch_size
         return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
     # ---------------------------------------------------------------- loop
@@ -108,28 +134,34 @@ class BaseTrainer:
 
     def train(self) -> list[dict]:
         a = self.args
+        require_backends(a.report_to)  # a missing tensorboard/wandb stops every rank before any work
         start = self._resume()
         if a.preflight and start < a.max_steps:
             self.preflight()
-        log = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=start if start else None,
-                         enabled=self.engine.is_main)
-        history = []
-        bar = tqdm(range(start, a.max_steps), initial=start, total=a.max_steps, desc=self.name,
-                   disable=not (a.progress_bar and self.engine.is_main))
-        for step in bar:
-            t0 = time.perf_counter()
-            metrics = self.mean_over_ranks(self.training_step(step))
-            metrics["time/step"] = time.perf_counter() - t0
-            self.skipped_steps += int(metrics.get("skipped_step", 0.0) > 0)
-            metrics["skipped_steps"] = float(self.skipped_steps)
-            self.step = step + 1
-            history.append(metrics)
-            if self.step % a.logging_steps == 0 or self.step == a.max_steps:
-                log.write(self.step, metrics)
-            bar.set_postfix(**self.progress(metrics))
-            periodic = a.save_steps and self.step % a.save_steps == 0
-            if self.can_save(self.step) and (periodic or self.step == a.max_steps):
-                self.save()
+        # metrics.jsonl + report_to's backends (grpo.reporting), written by the main process only
+        self.reporter = Reporter(self.output_dir, a.report_to, config=a, resume_step=start if start else None,
+                                 enabled=self.engine.is_main)
+        history, failed = [], True
+        try:
+            bar = tqdm(range(start, a.max_steps), initial=start, total=a.max_steps, desc=self.name,
+                       disable=a.disable_tqdm or not self.engine.is_main)
+            for step in bar:
+                t0 = time.perf_counter()
+                metrics = self.mean_over_ranks(self.training_step(step))
+                metrics["time/step"] = time.perf_counter() - t0
+                self.skipped_steps += int(metrics.get("skipped_step", 0.0) > 0)
+                metrics["skipped_steps"] = float(self.skipped_steps)
+                self.step = step + 1
+                history.append(metrics)
+                if self.step % a.logging_steps == 0 or self.step == a.max_steps:
+                    self.reporter.log_metrics(self.step, metrics)
+                bar.set_postfix(**self.progress(metrics))
+                periodic = a.save_steps and self.step % a.save_steps == 0
+                if self.can_save(self.step) and (periodic or self.step == a.max_steps):
+                    self.save()
+            failed = False
+        finally:  # flush and close the writers, also when a step raised (W&B marks the run failed)
+            self.reporter.close(failed=failed)
         return history
 
     # ---------------------------------------------------------------- pre-flight
@@ -215,10 +247,15 @@ class BaseTrainer:
         mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
         return dict(zip(keys, mean.tolist()))
 
-    def save_model(self, folder: str | Path) -> Path:
-        """The trained policy as a plain Hugging Face folder (weights, tokenizer, image processor)."""
+    def save_model(self, folder: str | Path, merged: bool = False) -> Path:
+        """The trained policy as a plain Hugging Face folder (weights, tokenizer, image processor).
+        With ``peft_config`` (LoRA): the adapters (``adapter_config.json``,
+        ``adapter_model.safetensors``: ``peft.PeftModel.from_pretrained(base, folder)``), or with
+        ``merged=True`` the model with its adapters merged in, a plain folder that
+        ``models.load_policy`` and ``grpo.evaluate`` use like any checkpoint. Without LoRA the
+        folder is plain either way."""
         folder = Path(folder)
-        self.engine.save_model(folder)
+        self.engine.save_model(folder, merged=merged)
         if self.engine.is_main:
             # tokenizer and image processor saved separately: load_processor reads them that way,
             # like the files of a released checkpoint

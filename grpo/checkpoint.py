@@ -206,14 +206,18 @@ def estimate_checkpoint_bytes(model: torch.nn.Module, deepspeed: bool = False) -
     4 bytes each per trainable parameter (exact for fp32 parameters, an overestimate for 16-bit
     ones). DeepSpeed: the weights twice (the Hugging Face folder, and DeepSpeed's module state,
     which ZeRO-3 does not write: an overestimate there) plus 12 bytes per trainable parameter (fp32
-    master copy and two fp32 moments, every rank's shard). Then a margin of 10 % + 64 MiB."""
+    master copy and two fp32 moments, every rank's shard). A LoRA policy (``models.lora``: peft
+    marks the model with ``peft_config``) writes only its trainable weights, the adapters.
+    Then a margin of 10 % + 64 MiB."""
     params = list(model.parameters())
-    weights = sum(_numel(p) * p.element_size() for p in params)
+    lora = getattr(model, "peft_config", None) is not None
+    weights = sum(_numel(p) * p.element_size() for p in params if p.requires_grad or not lora)
     trainable = sum(_numel(p) for p in params if p.requires_grad)
     optimizer = trainable * (12 if deepspeed else 8)
     base = weights * (2 if deepspeed else 1) + optimizer
     need = base + int(MARGIN_FRACTION * base) + MARGIN_BYTES
-    how = (f"{_size(weights * (2 if deepspeed else 1))} of weights{' (twice, DeepSpeed)' if deepspeed else ''} + "
+    how = (f"{_size(weights * (2 if deepspeed else 1))} of {'LoRA adapter ' if lora else ''}weights"
+           f"{' (twice, DeepSpeed)' if deepspeed else ''} + "
            f"{_size(optimizer)} of Adam state for {trainable:,} trainable parameters + 10 % + 64 MiB margin")
     return need, how
 

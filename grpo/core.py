@@ -21,7 +21,7 @@ Sections, in the order one step uses them:
 5. KL estimators        ``kl_penalty``                                    (``KL_ESTIMATORS``)
 6. importance ratios    ``importance_ratio``                              (``RATIO_LEVELS``)
 7. clipped surrogate    ``clipped_surrogate``, ``policy_loss``, ``grpo_token_loss`` (+ entropy bonus)
-8. loss aggregation     ``aggregate_loss``                                (``LOSS_AGGREGATIONS``)
+8. loss aggregation     ``aggregate_loss``                                (``LOSS_TYPES``)
 9. LR schedules         multiplier on the base learning rate               (``LR_SCHEDULES``)
 
 Shapes: B prompts x G completions each = N sequences, T completion tokens, V vocabulary, H hidden
@@ -32,7 +32,7 @@ judge call failed). Metrics are detached 0-dim tensors (no host sync; all-reduce
 
 Formulas, conventions and references: docs/algorithms.md. GRPO, DeepSeekMath arXiv 2402.03300;
 PPO clipping arXiv 1707.06347; DAPO (clip-higher, token-level loss, dynamic sampling) arXiv
-2503.14476; Dr. GRPO arXiv 2503.20783; GSPO arXiv 2507.18071; dual-clip PPO arXiv 1912.09729; GDPO
+2503.14476; Dr. GRPO arXiv 2503.20783; GSPO arXiv 2507.18071; two-sided clip (INTELLECT-2) arXiv 2505.07291; GDPO
 (per-reward normalisation) arXiv 2601.05242; high-entropy tokens ("Beyond the 80/20 Rule") arXiv
 2506.01939; k1/k2/k3 from J. Schulman, "Approximating KL divergence" (joschu.net/blog/kl-approx.html).
 """
@@ -47,10 +47,10 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "Registry", "lookup",
-    "ADVANTAGE_SCALES", "REWARD_AGGREGATIONS", "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_AGGREGATIONS",
+    "ADVANTAGE_SCALES", "REWARD_AGGREGATIONS", "KL_ESTIMATORS", "RATIO_LEVELS", "LOSS_TYPES",
     "LR_SCHEDULES",
     "register_advantage_scale", "register_reward_aggregation", "register_kl_estimator", "register_ratio_level",
-    "register_loss_aggregation",
+    "register_loss_type",
     "combine_rewards", "aggregate_rewards", "group_advantages", "advantage_contributions", "advantage_shares",
     "nan_mean_std", "zero_std_groups", "select_groups",
     "token_logprobs_from_hidden", "MAX_CHUNK_LOGITS", "entropy_threshold", "high_entropy_mask",
@@ -106,7 +106,7 @@ KL_ESTIMATORS = Registry("KL estimator")
 # name -> fn(log_ratio (N, T), logp (N, T), mask (N, T) bool) -> log ratio used per token (N, T)
 RATIO_LEVELS = Registry("ratio level")
 # name -> fn(loss (N, T), mask (N, T) bool, *, num_tokens, num_sequences, max_completion_length, num_rows) -> ()
-LOSS_AGGREGATIONS = Registry("loss aggregation")
+LOSS_TYPES = Registry("loss type")
 # name -> fn(progress: float, 0 at the end of warm-up, 1 at max_steps) -> multiplier on the base LR
 LR_SCHEDULES = Registry("lr scheduler")
 
@@ -114,7 +114,7 @@ register_advantage_scale = ADVANTAGE_SCALES.register    # decorator: @register_a
 register_reward_aggregation = REWARD_AGGREGATIONS.register
 register_kl_estimator = KL_ESTIMATORS.register
 register_ratio_level = RATIO_LEVELS.register
-register_loss_aggregation = LOSS_AGGREGATIONS.register
+register_loss_type = LOSS_TYPES.register
 
 
 # =========================================================================== 2. rewards, advantages
@@ -619,13 +619,14 @@ def clipped_surrogate(
     mask: Tensor,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
-    dual_clip: Optional[float] = None,
+    delta: Optional[float] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """PPO's clipped surrogate loss per token, with DAPO's asymmetric clip and dual clip.
+    """PPO's clipped surrogate loss per token, with DAPO's asymmetric clip and the two-sided clip.
 
-    ``loss_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)``; with ``dual_clip = c`` and
-    ``A < 0``: ``loss_t = -max(min(r_t A, clip(r_t) A), c A)``, i.e. the loss is capped at ``c |A|``
-    (dual-clip PPO arXiv 1912.09729; verl's ``clip_ratio_c``).
+    ``loss_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)``; with ``delta`` the unclipped
+    term uses ``min(r_t, delta)`` (two-sided GRPO, INTELLECT-2 arXiv 2505.07291; TRL's ``delta``).
+    For ``delta > 1 + eps_high`` this is dual-clip PPO (arXiv 1912.09729; verl's ``clip_ratio_c``):
+    for ``A < 0`` the loss is capped at ``delta |A|``, and nothing changes for ``A > 0``.
 
     Args:
         ratio: ``(N, T)`` importance ratio (:func:`importance_ratio`).
@@ -633,27 +634,26 @@ def clipped_surrogate(
             that of the loss and metrics.
         mask: ``(N, T)`` bool, valid completion tokens.
         eps_low, eps_high: clip range; ``eps_high > eps_low`` is DAPO's clip-higher.
-        dual_clip: ``c > 1`` or ``None``.
+        delta: ``> 1`` or ``None``.
 
     Returns:
         per_token_loss: ``(N, T)``, 0 at masked positions.
         metrics (means over valid tokens): ``clipfrac_low`` (A < 0 and r < 1 - eps_low),
-        ``clipfrac_high`` (A > 0 and r > 1 + eps_high), ``clipfrac_dual`` (dual cap active;
-        only when ``dual_clip``), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (1 when no
+        ``clipfrac_high`` (A > 0 and r > 1 + eps_high), ``clipfrac_delta`` (A < 0 and r > delta,
+        the cap active; only when ``delta``), ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (1 when no
         token is valid).
     """
     m = mask
     a = adv.unsqueeze(-1) if adv.dim() == 1 else adv                          # (N, 1) or (N, T)
     f = a.dtype
-    surr = ratio * a                                                          # (N, T)
-    surr_clip = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a                # (N, T)
-    obj = torch.min(surr, surr_clip)                                          # pessimistic bound (PPO)
     neg = a < 0                                                               # (N, 1) or (N, T)
     metrics: Dict[str, Tensor] = {}
-    if dual_clip is not None:
-        floor = dual_clip * a                                                 # objective >= c*A for A < 0
-        metrics["clipfrac_dual"] = masked_mean((neg & (obj < floor)).expand_as(m).to(f), m).detach()
-        obj = torch.where(neg, torch.max(obj, floor), obj)
+    capped = ratio if delta is None else ratio.clamp(max=delta)               # (N, T)
+    if delta is not None:
+        metrics["clipfrac_delta"] = masked_mean((neg & (ratio.detach() > delta)).to(f), m).detach()
+    surr = capped * a                                                         # (N, T)
+    surr_clip = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a                # (N, T)
+    obj = torch.min(surr, surr_clip)                                          # pessimistic bound (PPO)
     loss = torch.where(m, -obj, torch.zeros_like(obj))                        # (N, T)
 
     with torch.no_grad():
@@ -672,8 +672,8 @@ def policy_loss(
     mask: Tensor,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    ratio_level: str = "token",
+    delta: Optional[float] = None,
+    importance_sampling_level: str = "token",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped surrogate loss per token (PPO / GRPO / DAPO / GSPO): :func:`importance_ratio`
     then :func:`clipped_surrogate`.
@@ -684,21 +684,21 @@ def policy_loss(
             (``logp.detach()``, ratio 1).
         adv: ``(N,)`` per-sequence advantage (``(N, T)`` per-token also accepted).
         mask: ``(N, T)`` valid completion tokens.
-        eps_low, eps_high, dual_clip: as in :func:`clipped_surrogate`.
-        ratio_level: name in ``RATIO_LEVELS`` (:func:`importance_ratio`); at sequence level the
+        eps_low, eps_high, delta: as in :func:`clipped_surrogate`.
+        importance_sampling_level: name in ``RATIO_LEVELS`` (:func:`importance_ratio`); at sequence level the
             ratio metrics are those of the sequence ratio s_i, each token counting once.
 
     Returns:
         per_token_loss ``(N, T)`` (0 at masked positions) and the metrics of
         :func:`clipped_surrogate`.
     """
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if delta is not None and not delta > 1.0:
+        raise ValueError(f"delta must be > 1 (or None), got {delta}")
     m = mask.bool()                                                           # (N, T)
     if old_logp is None:
         old_logp = logp.detach()
-    ratio = importance_ratio(logp, old_logp, m, ratio_level)                  # (N, T)
-    return clipped_surrogate(ratio, adv.to(logp.dtype), m, eps_low, eps_high, dual_clip)
+    ratio = importance_ratio(logp, old_logp, m, importance_sampling_level)    # (N, T)
+    return clipped_surrogate(ratio, adv.to(logp.dtype), m, eps_low, eps_high, delta)
 
 
 def grpo_token_loss(
@@ -711,8 +711,8 @@ def grpo_token_loss(
     beta: float = 0.0,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    ratio_level: str = "token",
+    delta: Optional[float] = None,
+    importance_sampling_level: str = "token",
     kl_estimator: str = "k3",
     kl_clamp: Optional[float] = 10.0,
     pg_mask: Optional[Tensor] = None,
@@ -739,7 +739,7 @@ def grpo_token_loss(
     plus ``kl_mean``, and ``entropy_bonus`` (``c`` x mean entropy of those tokens) when
     ``entropy_coef != 0``.
     """
-    loss, metrics = policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, ratio_level)
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, delta, importance_sampling_level)
     m = mask.bool()
     zero = torch.zeros_like(logp)
     pg = m if pg_mask is None else m & pg_mask.bool()                        # (N, T)
@@ -774,7 +774,7 @@ def _count(x: Optional[Number], default: Tensor, like: Tensor) -> Tensor:
     return v.to(like.dtype).clamp(min=1)
 
 
-@register_loss_aggregation("seq_mean_token_mean", "grpo")
+@register_loss_type("grpo")
 def _agg_seq_mean_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
     # Paper GRPO (DeepSeekMath eq. 3): 1/G sum_i 1/|o_i| sum_t. Empty sequences are skipped.
     tok = m.sum(-1)                                                           # (N,)
@@ -782,19 +782,29 @@ def _agg_seq_mean_token_mean(loss, m, *, num_tokens=None, num_sequences=None, ma
     return per_seq.sum() / _count(num_sequences, (tok > 0).sum(), loss)
 
 
-@register_loss_aggregation("token_mean", "bnpo", "dapo")
+@register_loss_type("bnpo")
+def _agg_bnpo(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
+    # TRL's "bnpo": sum over this call's tokens / this call's token count, whatever num_tokens says.
+    # A local mean: the trainer averages it over micro-batches and ranks (see ``local`` below).
+    return masked_sum(loss, m) / _count(None, m.sum(), loss)
+
+
+_agg_bnpo.local = True  # normalised per micro-batch: averaged over micro-batches, not summed
+
+
+@register_loss_type("dapo")
 def _agg_token_mean(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
     # DAPO token-level loss (arXiv 2503.14476): sum over all tokens / number of tokens.
     return masked_sum(loss, m) / _count(num_tokens, m.sum(), loss)
 
 
-@register_loss_aggregation("seq_mean_token_sum_norm", "dr_grpo")
+@register_loss_type("dr_grpo")
 def _agg_dr_grpo(loss, m, *, num_tokens=None, num_sequences=None, max_completion_length=None, num_rows=None):
     # Dr. GRPO (arXiv 2503.20783): the constant normaliser (rows) * L_max, no length bias. Rows, not
     # non-empty sequences: a row masked out (a truncated completion under mask_truncated_completions)
     # still counts, so the normaliser does not move with the truncation rate.
     if max_completion_length is None:
-        raise ValueError("seq_mean_token_sum_norm / dr_grpo needs max_completion_length")
+        raise ValueError("loss type dr_grpo needs max_completion_length")
     n = _count(num_rows, torch.tensor(loss.shape[0], device=loss.device), loss)
     return masked_sum(loss, m) / (n * float(max_completion_length))
 
@@ -802,7 +812,7 @@ def _agg_dr_grpo(loss, m, *, num_tokens=None, num_sequences=None, max_completion
 def aggregate_loss(
     per_token_loss: Tensor,
     mask: Tensor,
-    mode: str = "seq_mean_token_mean",
+    mode: str = "grpo",
     *,
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
@@ -811,26 +821,31 @@ def aggregate_loss(
 ) -> Tensor:
     """Reduce a ``(N, T)`` per-token loss to a scalar.
 
-    Modes (``LOSS_AGGREGATIONS``):
+    Modes (``LOSS_TYPES``, TRL's ``loss_type`` names):
 
-    * "seq_mean_token_mean" (alias "grpo"): ``1/N' sum_i (1/|o_i| sum_t l_it)``, N' = number
-      of sequences with at least one valid token (or ``num_sequences``). Empty sequences add 0.
-    * "token_mean" ("bnpo", "dapo"): ``sum_it l_it / num_tokens``. ``num_tokens`` should be the
-      GLOBAL number of valid tokens of the whole optimizer step (all gradient-accumulation
-      micro-batches and all data-parallel ranks); ``None`` -> ``mask.sum()`` of this call.
+    * "grpo": ``1/N' sum_i (1/|o_i| sum_t l_it)``, N' = number of sequences with at least one
+      valid token (or ``num_sequences``). Empty sequences add 0.
+    * "dapo": ``sum_it l_it / num_tokens``. ``num_tokens`` should be the GLOBAL number of valid
+      tokens of the whole optimizer step (all gradient-accumulation micro-batches and all
+      data-parallel ranks); ``None`` -> ``mask.sum()`` of this call.
       Why: the full-batch loss is ``sum_{all tokens} l / N_tok``. If every micro-batch divided
       by its own token count, summing (or averaging) the micro-batch losses would weight
       tokens of short micro-batches more and the gradient would depend on how the batch was
       split. With a global denominator the micro-batch losses sum exactly to the full-batch
       loss, so accumulated gradients equal the full-batch gradient.
-    * "seq_mean_token_sum_norm" ("dr_grpo"): ``sum_it l_it / (num_rows * max_completion_length)``,
-      a constant (G * L_max per prompt); ``max_completion_length`` is required; ``num_rows``
-      defaults to N (this call's rows). Every row counts, empty ones included (a completion
-      masked out by ``mask_truncated_completions``), so the normaliser does not depend on the
-      truncation rate. Same convention: pass the GLOBAL number of rows of the optimizer step so
-      micro-batch losses sum to the full-batch loss.
+    * "bnpo": ``sum_it l_it / mask.sum()`` of THIS call (``num_tokens`` is ignored): TRL's local
+      token mean, which does depend on how the batch is split. The function carries
+      ``local = True``: the trainer averages these losses over micro-batches (and ranks, by
+      the data-parallel gradient average) instead of summing global-normalised ones. With one
+      micro-batch per rank and equal token counts on every rank it equals "dapo".
+    * "dr_grpo": ``sum_it l_it / (num_rows * max_completion_length)``, a constant (G * L_max per
+      prompt); ``max_completion_length`` is required; ``num_rows`` defaults to N (this call's
+      rows). Every row counts, empty ones included (a completion masked out by
+      ``mask_truncated_completions``), so the normaliser does not depend on the truncation rate.
+      Same convention: pass the GLOBAL number of rows of the optimizer step so micro-batch
+      losses sum to the full-batch loss.
 
-    For "seq_mean_token_mean" too, passing the global number of non-empty sequences as
+    For "grpo" too, passing the global number of non-empty sequences as
     ``num_sequences`` makes micro-batch losses sum to the full-batch loss.
 
     Data parallel: DDP / FSDP / DeepSpeed *average* gradients over ranks, so with global
@@ -840,7 +855,7 @@ def aggregate_loss(
 
     Returns a 0-dim tensor.
     """
-    fn = lookup(LOSS_AGGREGATIONS, mode)
+    fn = lookup(LOSS_TYPES, mode)
     return fn(per_token_loss, mask.bool(), num_tokens=num_tokens, num_sequences=num_sequences,
               max_completion_length=max_completion_length, num_rows=num_rows)
 

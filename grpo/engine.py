@@ -27,7 +27,7 @@ from .core import LR_SCHEDULES, lookup
 
 def lr_lambda(cfg: TrainingConfig):
     """Multiplier on the base LR at a given optimizer step: warm-up, then constant/linear/cosine."""
-    schedule = lookup(LR_SCHEDULES, cfg.lr_scheduler)   # "constant", "linear", "cosine"
+    schedule = lookup(LR_SCHEDULES, cfg.lr_scheduler_type)   # "constant", "linear", "cosine"
 
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -113,13 +113,14 @@ class TorchEngine:
     """One process, no DeepSpeed: AdamW, LambdaLR, grad clipping, non-finite step skipping."""
 
     world_size, rank, is_main = 1, 0, True
+    lora = None  # models.lora.LoraPolicy when only LoRA adapters train (set by the trainer)
 
     def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, ref_module=None):
         self.cfg, self.device = cfg, default_device()
         self.module = module.to(self.device)
         self.ref_module = ref_module.to(self.device) if ref_module is not None else None
         self.optimizer = torch.optim.AdamW(trainable(module), lr=cfg.learning_rate,
-                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+                                           betas=cfg.adam_betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
 
     @property
@@ -184,17 +185,26 @@ class TorchEngine:
                    folder / "optimizer.pt")
         self.save_model(folder / "model")
 
-    def save_model(self, folder: Path) -> None:
-        """The policy as a Hugging Face folder (every rank calls this; rank 0 writes)."""
+    def save_model(self, folder: Path, merged: bool = False) -> None:
+        """The policy as a Hugging Face folder (every rank calls this; rank 0 writes); under LoRA
+        its adapters, or with ``merged`` the model with them merged in."""
+        if self.lora is not None:
+            self.lora.save(folder, merged=merged, is_main=self.is_main)
+            return
         self.model.save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
+        opt = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
+        if self.lora is not None:  # the base weights never change: only the adapters were saved
+            self.lora.load_adapters(folder / "model")
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+            return
         # from_pretrained undoes the key renaming save_pretrained applies (transformers 5 saves
         # "visual.*" for the module's "model.visual.*"), so load through it, then copy.
         saved = type(self.model).from_pretrained(folder / "model", dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(saved.state_dict())
         del saved
-        opt = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=False)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 
@@ -220,9 +230,9 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int, hidden_size: int | No
                        ("stage3_param_persistence_threshold", 10 * h)):
         if zero.get(key) == "auto":
             zero[key] = value
-    wanted = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+    wanted = {"train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
               "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-              "train_batch_size": cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size,
+              "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
               "gradient_clipping": cfg.max_grad_norm or 0.0}
     for key, value in wanted.items():
         if ds.get(key, "auto") not in ("auto", value):
@@ -248,7 +258,7 @@ class DeepSpeedEngine(TorchEngine):
         if ref_module is not None:
             ref_module.sync_vision = self.zero_stage == 3
         optimizer = torch.optim.AdamW(trainable(module), lr=cfg.learning_rate,
-                                      betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+                                      betas=cfg.adam_betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
@@ -337,11 +347,15 @@ class DeepSpeedEngine(TorchEngine):
         return out
 
     def save(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        # LoRA: the frozen base weights are not written (a resumed run loads them as it started)
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state",
+                                    exclude_frozen_parameters=self.lora is not None)
         self.save_model(folder / "model")
 
-    def save_model(self, folder: Path) -> None:
-        if self.zero_stage == 3:  # gather the partitioned weights (a collective: all ranks)
+    def save_model(self, folder: Path, merged: bool = False) -> None:
+        if self.lora is not None:  # gathers what it reads under ZeRO-3 (a collective: all ranks)
+            self.lora.save(folder, merged=merged, is_main=self.is_main)
+        elif self.zero_stage == 3:  # gather the partitioned weights (a collective: all ranks)
             state = self.engine._zero3_consolidated_16bit_state_dict()
             if self.is_main:
                 self.model.save_pretrained(folder, state_dict={k[len("model."):]: v for k, v in state.items()})
@@ -349,7 +363,8 @@ class DeepSpeedEngine(TorchEngine):
             self.model.save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state",
+                                              load_module_strict=self.lora is None)
         if path is None:
             raise RuntimeError(f"{folder}/deepspeed: DeepSpeed found no checkpoint to load")
 

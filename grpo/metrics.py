@@ -1,5 +1,6 @@
-"""Per-step metrics as JSON lines (one object per optimizer step), safe across resumes, and the
-guard that stops a run whose judge-based reward has mostly abstained."""
+"""Per-step metrics as JSON lines (one object per optimizer step), safe across resumes -- the
+always-on backend of ``grpo.reporting`` -- and the guard that stops a run whose judge-based reward
+has mostly abstained."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def _clean(value):
 class MetricsLog:
     """Appends ``{"step": k, ...}`` lines to ``path``. Opening it to resume at step k first drops
     every line with step > k (written after the checkpoint being resumed), so the log ends up with
-    each step exactly once."""
+    each step exactly once. The ``"jsonl"`` backend of :class:`grpo.reporting.Reporter`."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -43,6 +44,16 @@ class MetricsLog:
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    # the backend interface of grpo.reporting.Reporter
+    def log_metrics(self, step: int, metrics: dict) -> None:
+        self.write(step, metrics)
+
+    def log_table(self, step: int, name: str, columns: list, rows: list) -> None:
+        """Tables are not kept here (GRPO's sample completions go to completions.jsonl)."""
+
+    def close(self, failed: bool = False) -> None:
+        """Nothing to do: every line is flushed and fsynced when written."""
 
 
 def truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:

@@ -5,7 +5,7 @@
         --max-completion-length 192 --max-pixels 65536 [--json]
 
 Reads a Qwen2.5-VL ``config.json`` (or a checkpoint folder holding one) and a run's shape
-(``GRPOConfig`` names: ``num_generations``, ``prompts_per_step``, ``micro_batch_size``,
+(``GRPOConfig`` names: ``num_generations``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
 ``max_completion_length``, ``logprob_chunk_size``, ``beta``, ``reuse_prompts``) and estimates,
 per GPU, in bytes:
 
@@ -223,9 +223,9 @@ class Setup:
     freeze: tuple[str, ...] = ("vision",)  # the paper freezes the vision tower and projector
     # --- GRPOConfig ---
     num_generations: int = 4
-    prompts_per_step: int = 2
-    micro_batch_size: int = 4
-    generation_batch_size: int | None = None
+    per_device_train_batch_size: int = 4   # completions per forward/backward
+    gradient_accumulation_steps: int = 2   # x per_device = completions per GPU per step = prompts x G
+    generation_chunk_size: int | None = None
     max_completion_length: int = 192
     logprob_chunk_size: int = 1024
     beta: float = 0.04
@@ -235,6 +235,11 @@ class Setup:
     prompt_text_tokens: int = 176       # R1 system prompt + a 4-option question, chat markup included
     images_per_prompt: int = 1
     image_tokens: int = 81              # per image: image_tokens(65536) for the paper's max_pixels
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per GPU per optimizer step (as ``GRPOConfig.prompts_per_step``)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps // self.num_generations
 
     def errors(self) -> list[str]:
         e = []
@@ -258,17 +263,18 @@ class Setup:
             e.append(f"device={self.device!r}: use 'cuda' or 'cpu'")
         if self.attn_implementation not in ("flash_attention_2", "sdpa", "eager"):
             e.append(f"attn_implementation={self.attn_implementation!r}: use flash_attention_2, sdpa or eager")
-        for name in ("gpus", "num_generations", "prompts_per_step", "micro_batch_size", "max_completion_length",
+        for name in ("gpus", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "max_completion_length",
                      "logprob_chunk_size", "num_iterations"):
             if getattr(self, name) < 1:
                 e.append(f"{name}={getattr(self, name)}: must be >= 1")
-        n = self.num_generations * self.prompts_per_step
-        if self.micro_batch_size >= 1 and n % self.micro_batch_size:
-            e.append(f"prompts_per_step * num_generations = {n} is not a multiple of "
-                     f"micro_batch_size={self.micro_batch_size}")
-        gbs = self.generation_batch_size
-        if gbs is not None and (gbs < 1 or n % gbs):
-            e.append(f"generation_batch_size={gbs}: must divide prompts_per_step * num_generations = {n}")
+        n = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.num_generations >= 1 and n % self.num_generations:
+            e.append(f"per_device_train_batch_size * gradient_accumulation_steps = {n} is not a multiple of "
+                     f"num_generations={self.num_generations}")
+        gcs = self.generation_chunk_size
+        if gcs is not None and (gcs < 1 or n % gcs):
+            e.append(f"generation_chunk_size={gcs}: must divide the {n} completions per step")
         if self.beta < 0 or min(self.prompt_text_tokens, self.images_per_prompt, self.image_tokens) < 0:
             e.append("beta, prompt_text_tokens, images_per_prompt and image_tokens must be >= 0")
         return e
@@ -333,7 +339,7 @@ class Plan:
         lines = [f"model: {n['params'] / 1e9:.3f}B parameters ({n['trainable'] / 1e9:.3f}B trainable; frozen: "
                  f"{', '.join(sorted(s.freeze)) or 'none'}), {s.dtype}; {back}",
                  f"batch: {s.prompts_per_step} prompts x G={s.num_generations} = {n['rows']} completions per GPU, "
-                 f"micro-batch {s.micro_batch_size}; prompt {s.prompt_tokens} tokens ({s.prompt_text_tokens} text + "
+                 f"micro-batch {s.per_device_train_batch_size}; prompt {s.prompt_tokens} tokens ({s.prompt_text_tokens} text + "
                  f"{s.images_per_prompt} x {s.image_tokens} image), completion {s.max_completion_length}",
                  "", f"{'':<44}{'GiB':>9}  {' '.join(x.center(3) for x in ('gen', 'lp', 'trn', 'stp')):<16}  how", "-" * 100]
         for r in self.rows:
@@ -437,13 +443,14 @@ def activation_bytes(model: ModelShape, setup: Setup, checkpointing: bool | None
     Without checkpointing: every layer's ``layer_activation_bytes``. With it (transformers
     recomputes each decoder layer in backward): each layer keeps only its input (e h per token,
     Korthikanti et al.'s 2sbhL for full recomputation), plus one layer's full activations while
-    it is recomputed. Both: the final norm (4h + e h per token), the completion rows' hidden
+    it is recomputed; with prompt sharing also every layer's cached prompt keys and values (the
+    completion pass reads them again when it is replayed). Both: the final norm (4h + e h per token), the completion rows' hidden
     states that the log-prob chunks read (e h), and, when the vision tower trains, its blocks on
     the images' patches (same formula, full-width K/V, vision widths)."""
     s = setup
     checkpointing = s.gradient_checkpointing if checkpointing is None else checkpointing
     e, h = DTYPE_BYTES[s.dtype], model.hidden_size
-    p, t, mb = s.prompt_tokens, s.max_completion_length, s.micro_batch_size
+    p, t, mb = s.prompt_tokens, s.max_completion_length, s.per_device_train_batch_size
     frozen = model.frozen_groups(s.freeze)
     text_grad = bool({"embed", "attention", "mlp", "norms"} - frozen)
     shared = shares_prefix(s, checkpointing)
@@ -460,6 +467,8 @@ def activation_bytes(model: ModelShape, setup: Setup, checkpointing: bool | None
             layer += e * 2 * kv_width * mb * p
         if checkpointing:
             total += model.num_layers * e * h * tokens + layer
+            if shared:  # every layer's cached prompt K/V (KV-head width), read again by the completions' replay
+                total += model.num_layers * e * 2 * model.num_kv_heads * model.head_dim * prompts * p
         else:
             total += model.num_layers * layer
         total += (4 * h + e * h) * tokens
@@ -477,14 +486,16 @@ def activation_bytes(model: ModelShape, setup: Setup, checkpointing: bool | None
 
 def distinct_prompts_per_micro_batch(s: Setup) -> int:
     """Most distinct prompts among a micro-batch's rows (row r belongs to prompt r // G)."""
-    n, mb, g = s.prompts_per_step * s.num_generations, s.micro_batch_size, s.num_generations
+    n, mb, g = s.prompts_per_step * s.num_generations, s.per_device_train_batch_size, s.num_generations
     return max((start + mb - 1) // g - start // g + 1 for start in range(0, n, mb))
 
 
 def shares_prefix(s: Setup, checkpointing: bool) -> bool:
-    """Whether the log-prob passes run each distinct prompt once (``models.forward.can_share_prefix``:
-    not under ZeRO-3, not with activation checkpointing)."""
-    return s.reuse_prompts and s.stage != 3 and not checkpointing
+    """Whether the log-prob passes run each distinct prompt once: with ``reuse_prompts``, under every
+    ZeRO stage and with or without activation checkpointing (``models.forward.can_share_prefix``;
+    ``checkpointing`` is kept for callers that ask about either case)."""
+    del checkpointing
+    return s.reuse_prompts
 
 
 def inference_layer_bytes(model: ModelShape, tokens: float, dtype: str) -> float:
@@ -548,7 +559,7 @@ def estimate(model: ModelShape, setup: Setup) -> Plan:
     out.append(Row("activations, with checkpointing", act_ckpt, ("train",) if s.gradient_checkpointing else (),
                    f"{info_ckpt['tokens']:.0f} tokens, layer inputs + 1 layer" + (" (used)" if used == "with" else "")))
     # generation: one generate() call of gen rows, prompt + completion cached
-    gen_rows = s.generation_batch_size or rows_per_gpu
+    gen_rows = s.generation_chunk_size or rows_per_gpu
     kv_token = layers * 2 * model.num_kv_heads * model.head_dim * e
     kv = kv_token * gen_rows * (p + t)
     out.append(Row("KV cache (generation)", kv, ("generate",),
@@ -560,7 +571,7 @@ def estimate(model: ModelShape, setup: Setup) -> Plan:
     out.append(Row("generation working set", prefill, ("generate",),
                    f"prefill of {g_prompts * p} tokens, cache copy, decode logits"))
     # log-prob passes
-    rows_lp = s.micro_batch_size * t
+    rows_lp = s.per_device_train_batch_size * t
     chunk_rows = max(1, min(s.logprob_chunk_size, (1 << 26) // v, rows_lp))
     chunk = chunk_rows * v * 4
     bf16_head = chunk_rows * v * e if e < 4 else 0   # the head's own output before .float()
@@ -570,7 +581,7 @@ def estimate(model: ModelShape, setup: Setup) -> Plan:
     no_grad_passes = s.beta > 0 or s.num_iterations > 1
     if no_grad_passes:
         lp_tokens = (distinct_prompts_per_micro_batch(s) * p if shares_prefix(s, s.gradient_checkpointing)
-                     else s.micro_batch_size * p) + rows_lp
+                     else s.per_device_train_batch_size * p) + rows_lp
         ref_layer = 2 * model.largest_module() if (ds and s.stage == 3 and s.beta > 0) else 0
         out.append(Row("log-prob pass working set (no grad)",
                        CHUNK_BUFFERS_NO_GRAD * chunk + bf16_head + inference_layer_bytes(model, lp_tokens, s.dtype)
@@ -607,8 +618,9 @@ def _setup_from_args(args) -> Setup:
                  dtype=args.dtype or ("bf16" if backend == "deepspeed" else "fp32"), device=args.device,
                  gpus=args.gpus, gpus_per_node=args.gpus_per_node, attn_implementation=args.attn,
                  gradient_checkpointing=args.gradient_checkpointing, freeze=freeze,
-                 num_generations=args.num_generations, prompts_per_step=args.prompts_per_step,
-                 micro_batch_size=args.micro_batch_size, generation_batch_size=args.generation_batch_size,
+                 num_generations=args.num_generations, per_device_train_batch_size=args.per_device_train_batch_size,
+                 gradient_accumulation_steps=args.gradient_accumulation_steps,
+                 generation_chunk_size=args.generation_chunk_size,
                  max_completion_length=args.max_completion_length, logprob_chunk_size=args.logprob_chunk_size,
                  beta=args.beta, num_iterations=args.num_iterations, reuse_prompts=args.reuse_prompts,
                  prompt_text_tokens=args.prompt_tokens, images_per_prompt=args.images_per_prompt,
@@ -632,9 +644,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--freeze", default="vision", help=f"comma list of {', '.join(PARAM_GROUPS)}, or none")
     ap.add_argument("--num-generations", "-G", type=int, default=4)
-    ap.add_argument("--prompts-per-step", type=int, default=2, help="prompts per GPU per step")
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--generation-batch-size", type=int)
+    ap.add_argument("--per-device-train-batch-size", type=int, default=4, help="completions per forward/backward")
+    ap.add_argument("--gradient-accumulation-steps", type=int, default=2,
+                    help="x per-device batch = completions per GPU per step (prompts x G)")
+    ap.add_argument("--generation-chunk-size", type=int)
     ap.add_argument("--max-completion-length", type=int, default=192)
     ap.add_argument("--logprob-chunk-size", type=int, default=1024)
     ap.add_argument("--beta", type=float, default=0.04)

@@ -32,9 +32,10 @@ def default_target(item) -> str:
 class SFTTrainer(BaseTrainer):
     name = "SFT"
 
-    def __init__(self, model, args: SFTConfig = SFTConfig(), train_dataset=None, processor=None,
-                 adapter=None, prompt_fn=None, target_fn=None):
-        super().__init__(model, args, train_dataset, processor, adapter=adapter, prompt_fn=prompt_fn)
+    def __init__(self, model, args: SFTConfig = SFTConfig(), train_dataset=None, processing_class=None,
+                 adapter=None, prompt_fn=None, target_fn=None, peft_config=None):
+        super().__init__(model, args, train_dataset, processing_class, adapter=adapter, prompt_fn=prompt_fn,
+                         peft_config=peft_config)
         self.target_fn = target_fn or default_target
         self.end_ids = list(self.adapter.end_of_turn_ids)  # the chat template's end of an assistant turn
 
@@ -63,7 +64,8 @@ class SFTTrainer(BaseTrainer):
             m_ids, m_mask = ids[rows], mask[rows]
             logp, _ = self.engine.forward(completion_ids=m_ids, temperature=1.0,
                                           **self.adapter.forward_inputs(prompts.select(rows), m_ids, m_mask))
-            loss = aggregate_loss(-logp, m_mask, "token_mean", num_tokens=num_tokens) * self.engine.world_size
+            # the global token mean ("dapo" normalisation): micro-batch losses sum to the full-batch loss
+            loss = aggregate_loss(-logp, m_mask, "dapo", num_tokens=num_tokens) * self.engine.world_size
             if self.engine.nonfinite_anywhere(loss):  # never backpropagate NaN/inf (see GRPOTrainer.update)
                 finite = False
                 break

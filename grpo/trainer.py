@@ -24,19 +24,20 @@ from dataclasses import dataclass
 import torch
 
 from models.adapter import PromptBatch
-from rewards import RewardSample, score_all
+from rewards import RewardSample, TrainerState, as_rewards, score_all
+from rewards.functions import COMPLETION_IDS, PROMPT, TRAINER_STATE
 from rewards.runner import preflight_problems
 
 from .base import BaseTrainer
 from .config import GRPOConfig
 from rewards.overlong import COMPLETION_TOKENS, MAX_COMPLETION_LENGTH, TRUNCATED
 
-from .core import (advantage_contributions, advantage_shares, aggregate_loss, aggregate_rewards, combine_rewards,
+from .core import (LOSS_TYPES, lookup, advantage_contributions, advantage_shares, aggregate_loss, aggregate_rewards, combine_rewards,
                    entropy_threshold, group_advantages, grpo_token_loss, high_entropy_mask, nan_mean_std,
                    zero_std_groups)
 from .metrics import AbstainGuard, truncate_jsonl
 from .rollout import Completions, sample, sample_informative_groups
-from .samples import default_reward_sample
+from .samples import default_reward_sample, reward_field_problems
 
 
 log = logging.getLogger("grpo")
@@ -81,22 +82,30 @@ class GRPOTrainer(BaseTrainer):
     """Group Relative Policy Optimization for vision-language models.
 
     model: a Hugging Face VLM (or a local checkpoint path); reward_funcs: ``rewards.Reward``
-    instances; train_dataset: a sequence of ``data.VQARecord`` or dicts (see ``grpo.samples``);
-    processor: the model's processor (``models.load_processor``). A reference model is kept only
-    when ``args.beta > 0`` (the given ``ref_model``, else a frozen copy of the starting policy).
+    instances and/or plain functions ``f(prompts, completions, **columns) -> list[float | None]``
+    (TRL's reward functions, wrapped in ``rewards.FunctionReward``); train_dataset: a sequence of
+    ``data.VQARecord`` or dicts, TRL's ``prompt``/``image`` rows included (see ``grpo.samples``), or
+    a ``datasets.Dataset``; processing_class: the model's processor (``models.load_processor``).
+    A reference model is kept only when ``args.beta > 0`` (the given ``ref_model``, else a frozen
+    copy of the starting policy). peft_config: a ``peft.LoraConfig``: only LoRA adapters train
+    (``models.lora``) and the reference is the same network with its adapters disabled (no copy).
     """
     name = "GRPO"
 
     def __init__(self, model, reward_funcs, args: GRPOConfig = GRPOConfig(), train_dataset=None,
-                 processor=None, ref_model=None, adapter=None, prompt_fn=None, reward_sample_fn=None):
+                 processing_class=None, ref_model=None, adapter=None, prompt_fn=None, reward_sample_fn=None,
+                 peft_config=None):
         if not reward_funcs:
-            raise ValueError("reward_funcs is empty: give at least one rewards.Reward")
+            raise ValueError("reward_funcs is empty: give at least one rewards.Reward or reward function")
+        reward_funcs = as_rewards(reward_funcs)  # plain functions -> rewards.FunctionReward
         if args.reward_weights is not None and len(args.reward_weights) != len(reward_funcs):
             raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for "
                              f"{len(reward_funcs)} reward functions; give one weight per reward")
-        super().__init__(model, args, train_dataset, processor, ref_model, adapter, prompt_fn,
-                         needs_ref=args.beta > 0)
+        super().__init__(model, args, train_dataset, processing_class, ref_model, adapter, prompt_fn,
+                         needs_ref=args.beta > 0, peft_config=peft_config)
         self.rewards = list(reward_funcs)
+        if reward_sample_fn is None and (problems := reward_field_problems(self.dataset[0], self.rewards)):
+            raise ValueError("; ".join(problems))
         self.reward_sample_fn = reward_sample_fn or default_reward_sample
         self.weights = torch.tensor(args.reward_weights or [r.weight for r in self.rewards], dtype=torch.float32)
         self._batch = None
@@ -139,13 +148,18 @@ class GRPOTrainer(BaseTrainer):
         token-count fields the trainer adds to every sample."""
         a = self.args
         answer = self.reward_sample_fn(self.dataset[0], "").answer
-        sample = self.reward_sample_fn(self.dataset[0], PREFLIGHT_COMPLETION.format(answer=answer))
+        sample = self.reward_sample_fn(self.dataset[0], PREFLIGHT_COMPLETION.format(answer=answer or ""))
         try:
-            tokens = len(self.adapter.tokenizer(sample.completion, add_special_tokens=False)["input_ids"]) + 1
+            ids = self.adapter.tokenizer(sample.completion, add_special_tokens=False)["input_ids"]
+            ids = list(ids) + list(self.adapter.eos_token_ids[:1])
         except Exception:  # an adapter without a tokenizer: a rough count is enough here
-            tokens = len(sample.completion.split()) + 1
-        sample.extra = {**sample.extra, COMPLETION_TOKENS: min(tokens, a.max_completion_length),
-                        MAX_COMPLETION_LENGTH: a.max_completion_length, TRUNCATED: tokens > a.max_completion_length}
+            ids = [0] * (len(sample.completion.split()) + 1)
+        tokens = len(ids)
+        sample.extra = {PROMPT: self.prompt_fn(self.dataset[0])[0], **sample.extra,
+                        COMPLETION_TOKENS: min(tokens, a.max_completion_length),
+                        MAX_COMPLETION_LENGTH: a.max_completion_length, TRUNCATED: tokens > a.max_completion_length,
+                        COMPLETION_IDS: ids[:a.max_completion_length],
+                        TRAINER_STATE: TrainerState(global_step=self.step, max_steps=a.max_steps)}
         return sample
 
     # ---------------------------------------------------------------- rollout
@@ -159,7 +173,7 @@ class GRPOTrainer(BaseTrainer):
             items = self.items_for_round(round_idx, b) if k == 0 else self.resample_items(round_idx, k, b)
             attempts.append(self._generate_and_score(items, timings))
             combined, _ = aggregate_rewards(attempts[-1].scores.view(b, g, -1), self.weights,
-                                            a.reward_aggregation, a.advantage_eps)
+                                            a.multi_objective_aggregation, a.advantage_eps)
             return ~zero_std_groups(combined)
 
         ds_metrics = {}
@@ -180,9 +194,9 @@ class GRPOTrainer(BaseTrainer):
         t0 = time.perf_counter()
         everyone = self.engine.all_gather_cat(scores.to(self.engine.device)).cpu()    # (world*N, R)
         combined, terms = aggregate_rewards(everyone.view(-1, g, everyone.shape[1]), self.weights,
-                                            a.reward_aggregation, a.advantage_eps)    # (world*B, G), (.., R)
-        adv_all, adv_metrics = group_advantages(combined, a.advantage_scale, a.advantage_eps)
-        shares = advantage_shares(advantage_contributions(terms, a.advantage_scale, a.advantage_eps))  # (R,)
+                                            a.multi_objective_aggregation, a.advantage_eps)    # (world*B, G), (.., R)
+        adv_all, adv_metrics = group_advantages(combined, a.scale_rewards, a.advantage_eps)
+        shares = advantage_shares(advantage_contributions(terms, a.scale_rewards, a.advantage_eps))  # (R,)
         raw = combine_rewards(everyone, self.weights)        # the weighted reward sum, whatever the aggregation
         raw_mean, raw_std = nan_mean_std(raw)
         n = len(scores)
@@ -210,7 +224,8 @@ class GRPOTrainer(BaseTrainer):
         share_metrics = {f"advantage_share/{r.name}": float(v) for r, v in zip(self.rewards, shares)}
         metrics = {**gen.reward_metrics, **adv_metrics, **share_metrics, **ds_metrics, **ent_metrics, **timings,
                    **self._rollout_metrics(scores, comp)}
-        self._log_completions(round_idx, items, texts, raw.view(-1)[self.engine.rank * n:(self.engine.rank + 1) * n])
+        self._log_completions(round_idx, items, texts, raw.view(-1)[self.engine.rank * n:(self.engine.rank + 1) * n],
+                              scores=scores, advantages=adv, messages=gen.messages)
         return Batch(prompts, comp, loss_mask, adv, old_logp, ref_logp, num_tokens, num_seqs, metrics,
                      scores=scores, pg_mask=pg_mask)
 
@@ -239,19 +254,24 @@ class GRPOTrainer(BaseTrainer):
         messages, images = (list(x) for x in zip(*(self.prompt_fn(it) for it in items)))
         prompts = self.adapter.encode_prompts(messages, images).repeat_interleave(g).to(self.engine.device)
         with self.engine.generation_model() as gen_model:
-            comp = self.sampler(gen_model, self.adapter, prompts, a, chunk=a.generation_batch_size)
+            comp = self.sampler(gen_model, self.adapter, prompts, a, chunk=a.generation_chunk_size)
         texts = self.adapter.decode(comp.ids, comp.mask)
         timings["time/generate"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
         lengths, truncated = comp.lengths.tolist(), comp.truncated.tolist()
+        ids, kept = comp.ids.cpu(), comp.mask.cpu().bool()
+        state = TrainerState(global_step=self.step, max_steps=a.max_steps)
         samples = []
         for i, text in enumerate(texts):
             s = self.reward_sample_fn(items[i // g], text)
-            # token counts for length-based rewards (rewards.OverlongPenalty); a fresh dict, since
-            # a reward_sample_fn may share one ``extra`` between samples
-            s.extra = {**s.extra, COMPLETION_TOKENS: int(lengths[i]), MAX_COMPLETION_LENGTH: a.max_completion_length,
-                       TRUNCATED: bool(truncated[i])}
+            # token counts for length-based rewards (rewards.OverlongPenalty), and for plain reward
+            # functions the prompt's messages (unless the sample has its own), the completion's ids
+            # and the trainer state (rewards.FunctionReward); a fresh dict, since a
+            # reward_sample_fn may share one ``extra`` between samples
+            s.extra = {PROMPT: messages[i // g], **s.extra, COMPLETION_TOKENS: int(lengths[i]),
+                       MAX_COMPLETION_LENGTH: a.max_completion_length, TRUNCATED: bool(truncated[i]),
+                       COMPLETION_IDS: ids[i][kept[i]].tolist(), TRAINER_STATE: state}
             samples.append(s)
         scores, reward_metrics = score_all(self.rewards, samples)                   # (n, R)
         timings["time/reward"] += time.perf_counter() - t0
@@ -341,6 +361,8 @@ class GRPOTrainer(BaseTrainer):
         finite = True
         micro = self.micro_batches(len(batch.prompts))
         bonus = a.entropy_coef > 0
+        local = getattr(lookup(LOSS_TYPES, a.loss_type), "local", False)
+        scale = 1.0 / len(micro) if local else float(self.engine.world_size)
         for i, rows in enumerate(micro):
             logp, ent, w, top_ent = self._forward(self.engine.forward, batch.prompts, batch.completions, rows,
                                                   entropy_grad=bonus, entropy_top_k=a.entropy_top_k)
@@ -350,14 +372,15 @@ class GRPOTrainer(BaseTrainer):
             pg_mask = batch.pg_mask[rows, :w] if batch.pg_mask is not None else None
             per_token, m = grpo_token_loss(
                 logp, old, ref, batch.advantages[rows].to(logp), mask, beta=a.beta,
-                eps_low=a.epsilon_low, eps_high=a.epsilon_high, dual_clip=a.dual_clip,
-                ratio_level=a.ratio_level, kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp,
+                eps_low=a.epsilon, eps_high=a.clip_high, delta=a.delta,
+                importance_sampling_level=a.importance_sampling_level, kl_estimator=a.kl_estimator, kl_clamp=a.kl_clamp,
                 pg_mask=pg_mask, entropy=ent if bonus else None, entropy_coef=a.entropy_coef)
             # Global normalisers make micro-batch losses sum to the full-batch loss; x world size
-            # undoes the gradient averaging of data parallelism (see core.aggregate_loss).
-            loss = aggregate_loss(per_token, mask, a.loss_aggregation, num_tokens=batch.num_tokens,
+            # undoes the gradient averaging of data parallelism (see core.aggregate_loss). A local
+            # normaliser ("bnpo") is averaged over the micro-batches instead, as TRL does.
+            loss = aggregate_loss(per_token, mask, a.loss_type, num_tokens=batch.num_tokens,
                                   num_sequences=batch.num_sequences, num_rows=batch.loss_mask.shape[0] * self.engine.world_size,
-                                  max_completion_length=a.max_completion_length) * self.engine.world_size
+                                  max_completion_length=a.max_completion_length) * scale
             if self.engine.nonfinite_anywhere(loss):
                 finite = False
                 break
@@ -365,7 +388,7 @@ class GRPOTrainer(BaseTrainer):
             share = len(rows) / len(batch.prompts)
             valid = mask.sum().clamp(min=1)
             m = {**{_LOSS_METRIC_NAMES.get(k, k): float(v) for k, v in m.items()},
-                 "loss": float(loss.detach()),  # x world: the mean over ranks is the global loss
+                 "loss": float(loss.detach()),  # x scale: the mean over ranks is the global loss
                  "entropy": float((ent.detach() * mask).sum() / valid)}
             if top_ent is not None:
                 m["entropy/top_k"] = float((top_ent * mask).sum() / valid)
@@ -413,8 +436,14 @@ class GRPOTrainer(BaseTrainer):
             out[f"reward/{r.name}/abstain_rate"] = float(abstained[:, j].mean()) if len(abstained) else 0.0
         return out
 
-    def _log_completions(self, round_idx, items, texts, rewards) -> None:
-        k = self.args.log_completions
+    def _log_completions(self, round_idx, items, texts, rewards, scores=None, advantages=None, messages=None) -> None:
+        """With ``log_completions``: the round's first ``num_completions_to_print`` completions of
+        this process (None = all) -- prompt, completion, weighted reward, each reward function's
+        score, advantage -- appended to completions.jsonl, and the same rows queued as the
+        "completions" table of report_to's backends (sent at the next logging step). Main process only."""
+        from .reporting import finite_or_none, prompt_text
+        a = self.args
+        k = (a.num_completions_to_print or len(texts)) if a.log_completions else 0
         if not k or not self.engine.is_main:
             return
         g, path = self.args.num_generations, self.output_dir / "completions.jsonl"
@@ -424,10 +453,27 @@ class GRPOTrainer(BaseTrainer):
             # later rounds, written by a killed run, so each round is logged exactly once.
             self._completions_round = round_idx
             truncate_jsonl(path, lambda obj: int(obj["round"]) < round_idx)
+        names = [r.name for r in self.rewards]
+        lines, table = [], []
+        for i in range(min(k, len(texts))):
+            item = items[i // g]
+            item_id = getattr(item, "id", None) or (item.get("id") if isinstance(item, dict) else None)
+            prompt = prompt_text(messages[i // g]) if messages is not None else None
+            each = [float(scores[i, j]) for j in range(len(names))] if scores is not None else []
+            adv = float(advantages[i]) if advantages is not None else float("nan")
+            table.append([round_idx, item_id, prompt, texts[i], float(rewards[i]), *each, adv])
+            line = {"round": round_idx, "id": item_id, "prompt": prompt, "completion": texts[i],
+                    "reward": finite_or_none(float(rewards[i]))}
+            if scores is not None:
+                line["rewards"] = {n: finite_or_none(v) for n, v in zip(names, each)}
+            if advantages is not None:
+                line["advantage"] = finite_or_none(adv)
+            lines.append(line)
         with open(path, "a") as f:
-            for i in range(min(k, len(texts))):
-                item = items[i // g]
-                f.write(json.dumps({"round": round_idx, "id": getattr(item, "id", None) or
-                                    (item.get("id") if isinstance(item, dict) else None),
-                                    "completion": texts[i], "reward": float(rewards[i])}) + "\n")
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+        reporter = getattr(self, "reporter", None)
+        if reporter is not None:
+            columns = ["round", "id", "prompt", "completion", "reward"]
+            columns += [f"reward/{n}" for n in names] if scores is not None else []
+            reporter.queue_table("completions", columns + ["advantage"], table)
 

@@ -14,6 +14,8 @@ Completion token j of a row always sits at the prompt's largest M-RoPE position 
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -76,15 +78,72 @@ def with_dummy_image_row(inputs: dict, config) -> dict:
             "image_grid_thw": torch.tensor([[1, 2, 2]], device=ids.device)}
 
 
+def _checkpointed_text_layers(model) -> list:
+    """The language model's decoder layers that transformers checkpoints in training mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    backbone = getattr(model, "model", model)
+    text = getattr(backbone, "language_model", backbone)
+    return [m for m in text.modules()
+            if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+
+
+def _non_reentrant(func):
+    """``func`` (a layer's ``_gradient_checkpointing_func``) as a non-reentrant checkpoint, or None
+    when it is not transformers' ``functools.partial`` of ``torch.utils.checkpoint.checkpoint``
+    (or of its offloading wrapper) and so cannot be told apart."""
+    if not isinstance(func, functools.partial):
+        return None
+    if func.keywords.get("use_reentrant") is False:
+        return func
+    return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+
+
 def can_share_prefix(model, sync_vision: bool = False) -> bool:
-    """Whether the log-prob pass may run each distinct prompt once. Not under ZeRO-3
-    (``sync_vision``: every rank must run the same modules in the same order, see
-    ``with_dummy_image_row``) nor with activation checkpointing (transformers then drops the KV
-    cache in training mode); the per-row path is used there."""
-    name = ("is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing")
-            else "is_gradient_checkpointing")  # the first is transformers >= 5.2's name
-    checkpointing = getattr(model, name, False)
-    return not sync_vision and not checkpointing
+    """Whether the log-prob pass may run each distinct prompt once (``shared_prefix_hidden``).
+
+    Also under ZeRO-3 (``sync_vision``: the shared pass then keeps every rank running the same
+    modules in the same order) and with activation checkpointing (``_cache_survives_checkpointing``).
+    Not when a checkpointed decoder layer uses a checkpoint function other than transformers'
+    (its reentrancy cannot be known: a reentrant checkpoint runs the layer without gradient, so
+    the cached prompt keys would carry none back from the completions), nor for sliding-window
+    attention layers (the prompt cache here is a full-attention one); the per-row path runs there."""
+    del sync_vision  # both paths honour it
+    if any(_non_reentrant(m._gradient_checkpointing_func) is None for m in _checkpointed_text_layers(model)):
+        return False
+    text_config = model.config.get_text_config(decoder=True)
+    return all(t == "full_attention" for t in (getattr(text_config, "layer_types", None) or ["full_attention"]))
+
+
+@contextlib.contextmanager
+def _cache_survives_checkpointing(model):
+    """For the two passes of ``shared_prefix_hidden``: checkpointed decoder layers keep their cache.
+
+    transformers' ``GradientCheckpointingLayer`` replaces ``cache`` by None in training mode
+    unless the layer declares ``_can_checkpoint_with_cache`` ("layers that only read the KV
+    cache"): a writer would store again when the backward pass replays it. The shared path's
+    caches are safe to replay (``reuse.PromptLayer`` writes once, ``reuse.PrefixLayer`` never),
+    so each layer says so for the duration of the passes. The replay itself calls the layer's
+    forward with the arguments of the first call; the flag is not read again.
+
+    The layers also checkpoint non-reentrantly meanwhile: a reentrant checkpoint runs the layer
+    under ``torch.no_grad`` and replays it with gradient only towards its positional inputs, so
+    the prompt's keys and values, kept through the cache, would carry no gradient back from the
+    completions (the prompt would silently learn nothing from them). Non-reentrant checkpointing
+    keeps the forward's autograd graph and recomputes only the saved tensors."""
+    layers = _checkpointed_text_layers(model)
+    saved = [(m, m.__dict__.get("_can_checkpoint_with_cache"), m._gradient_checkpointing_func) for m in layers]
+    try:
+        for m, _, func in saved:
+            m._can_checkpoint_with_cache = True
+            m._gradient_checkpointing_func = _non_reentrant(func)
+        yield
+    finally:
+        for m, flag, func in saved:
+            if flag is None:
+                m.__dict__.pop("_can_checkpoint_with_cache", None)
+            else:
+                m._can_checkpoint_with_cache = flag
+            m._gradient_checkpointing_func = func
 
 
 def completion_hidden(model, completion_ids: torch.Tensor, *, prompts: PromptBatch | None = None,
@@ -95,12 +154,12 @@ def completion_hidden(model, completion_ids: torch.Tensor, *, prompts: PromptBat
     Either ``inputs``: ``forward_inputs`` over prompt + completion (N, P + T), every row on its own;
     or ``prompts`` (N rows, ``prompts.unique`` set) and ``completion_mask`` (N, T): each distinct
     prompt then runs once and its KV cache is shared by its rows (``shared_prefix_hidden``), unless
-    ``can_share_prefix`` says no. ``sync_vision`` (ZeRO-3): run the vision tower even when no row
-    holds an image (``with_dummy_image_row``).
+    ``can_share_prefix`` says no. ``sync_vision`` (ZeRO-3): every rank runs the same modules in the
+    same order whatever its batch holds (the vision tower even when no row holds an image).
     """
     if prompts is not None:
         if can_share_prefix(model, sync_vision):
-            return shared_prefix_hidden(model, prompts, completion_ids, completion_mask)
+            return shared_prefix_hidden(model, prompts, completion_ids, completion_mask, sync_vision=sync_vision)
         inputs = forward_inputs(prompts, completion_ids, completion_mask)
     backbone, _ = backbone_and_head(model)
     n, t = completion_ids.shape
@@ -115,31 +174,64 @@ def completion_hidden(model, completion_ids: torch.Tensor, *, prompts: PromptBat
     return hidden
 
 
+def with_dummy_prompt_row(inputs: dict, config, dtype) -> dict:
+    """Prompt-pass inputs (``reuse.prompt_inputs``: ids, mask, M-RoPE positions, no image) plus one
+    row holding a blank image (``with_dummy_image_row``); the row's positions are its text ones."""
+    out = with_dummy_image_row({**inputs, "mm_token_type_ids": torch.zeros_like(inputs["input_ids"])}, config)
+    del out["mm_token_type_ids"]
+    pos = inputs["position_ids"]
+    width = pos.shape[-1]
+    row = (torch.arange(width, device=pos.device) - (width - 3)).clamp(min=0)        # 0 on padding, 0 1 2
+    out["position_ids"] = torch.cat([pos, row.expand(pos.shape[0], 1, width).to(pos.dtype)], 1)
+    out["pixel_values"] = out["pixel_values"].to(dtype)
+    return out
+
+
 def shared_prefix_hidden(model, prompts: PromptBatch, completion_ids: torch.Tensor,
-                         completion_mask: torch.Tensor) -> torch.Tensor:
+                         completion_mask: torch.Tensor, sync_vision: bool = False) -> torch.Tensor:
     """Hidden states (n, T, H) that predict ``completion_ids`` (n, T), running each distinct prompt once.
 
-    The b distinct prompts among the n rows run alone (b, P) with a KV cache; the cache is indexed to
-    the n rows (differentiable: gradients of all G copies add up in the shared prompt pass) and the
-    completions (n, T) run on it. Position i of the result predicts completion token i: token 0 is
-    predicted by the prompt's last position, token i > 0 by completion position i - 1.
+    The b distinct prompts among the n rows run alone (b, P) with a KV cache (``reuse.PromptCache``);
+    the completions (n, T) run on it, each row reading its prompt's keys and values
+    (``reuse.PrefixCache``: differentiable, so gradients of all G copies add up in the shared
+    prompt pass). Position i of the result predicts completion token i: token 0 is predicted by
+    the prompt's last position, token i > 0 by completion position i - 1. Works with activation
+    checkpointing (``_cache_survives_checkpointing``).
+
+    ``sync_vision`` (ZeRO-3): what runs must not depend on the batch. The vision tower runs once
+    per pass on every rank when it trains (on a blank image where the distinct prompts hold
+    none) and, when it is frozen, on every rank at once whenever one of them lacks its features
+    (``reuse.image_features_in_step``); the completion pass runs even for a 1-token width (on the
+    token itself, its output kept at weight 0 so that the backward pass runs it too).
     """
     backbone, _ = backbone_and_head(model)
     distinct, row_of = torch.unique(prompts.prompt_index, sorted=True, return_inverse=True)
-    inputs = reuse.prompt_inputs(model, prompts.unique, distinct, reuse_features=reuse.vision_frozen(model))
+    frozen = reuse.vision_frozen(model)
+    if sync_vision and frozen:
+        reuse.image_features_in_step(model, prompts.unique)
+    inputs = reuse.prompt_inputs(model, prompts.unique, distinct, reuse_features=frozen)
     row_of = row_of.to(inputs["input_ids"].device)
-    out = backbone(**inputs, use_cache=True, return_dict=True)
-    cache = out.cache
-    cache.batch_select_indices(row_of)                                           # (b, ...) -> (n, ...)
     t = completion_ids.shape[1]
     mask = torch.cat([inputs["attention_mask"][row_of], completion_mask.to(inputs["attention_mask"].dtype)], 1)
     positions = reuse.continuation_positions(inputs["position_ids"][:, row_of], t)
-    last = out.last_hidden_state[row_of, -1:]                                    # (n, 1, H)
-    if t == 1:
-        return last
-    comp = backbone(input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :, :-1],
-                    cache=cache, use_cache=False, return_dict=True).last_hidden_state  # (n, T-1, H)
-    return torch.cat([last, comp], 1)
+    dummy = sync_vision and not frozen and "pixel_values" not in inputs
+    if dummy:
+        inputs = with_dummy_prompt_row(inputs, model.config, next(model.parameters()).dtype)
+    cache = reuse.PromptCache()
+    with _cache_survives_checkpointing(model):
+        # use_cache=False: the cache passed is used all the same (transformers only builds one
+        # itself when asked), without the warning that checkpointing turns use_cache off
+        out = backbone(**inputs, cache=cache, use_cache=False, return_dict=True)
+        hidden = out.last_hidden_state[row_of, -1:]                              # (n, 1, H)
+        if dummy:  # the blank image's row: dropped, kept in the graph for the backward pass
+            hidden = hidden + 0.0 * out.last_hidden_state[len(distinct):].sum()
+        if t > 1 or sync_vision:
+            w = max(t - 1, 1)
+            comp = backbone(input_ids=completion_ids[:, :w], attention_mask=mask[:, :mask.shape[1] - t + w],
+                            position_ids=positions[:, :, :w], cache=reuse.PrefixCache(cache, row_of),
+                            use_cache=False, return_dict=True).last_hidden_state      # (n, w, H)
+            hidden = torch.cat([hidden, comp], 1) if t > 1 else hidden + 0.0 * comp.sum()
+    return hidden
 
 
 @torch.no_grad()

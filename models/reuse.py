@@ -11,7 +11,9 @@ and the log-prob pass (``models.forward``) work once per distinct prompt:
 * image features from the vision tower and patch merger, computed once per distinct prompt and,
   when the tower is frozen (PathVLM-R1 trains the language model only), kept for every pass of the
   round (``vision_frozen``);
-* the inputs of a prompt-only forward pass whose KV cache the completions then attend to.
+* the inputs of a prompt-only forward pass whose KV cache the completions then attend to, and the
+  two caches of that pass (``PromptCache``, ``PrefixCache``), built so that they also work under
+  activation checkpointing, where the backward pass replays each decoder layer's forward.
 
 Positions stay exactly those of the unshared forward: completion token j of a row sits at the
 prompt's largest position + 1 + j, which is what ``get_rope_index`` gives text after the prompt.
@@ -24,7 +26,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from transformers.cache_utils import DynamicLayer
+import torch.distributed as dist
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .batch import PromptBatch
@@ -64,6 +67,45 @@ def image_features(model, unique: PromptBatch) -> tuple[torch.Tensor, ...]:
         out = base.get_image_features(unique.pixel_values, unique.image_grid_thw, return_dict=True)
         unique.cache[key] = tuple(out.pooler_output)
     return unique.cache[key]
+
+
+def blank_image(config, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, image_grid_thw) of one blank image of 2x2 patches (one merged image token)."""
+    vc = config.vision_config
+    dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+    return (torch.zeros((4, dim), device=device, dtype=dtype),
+            torch.tensor([[1, 2, 2]], device=device))
+
+
+def image_features_in_step(model, unique: PromptBatch) -> None:
+    """``image_features`` under ZeRO-3, where every rank must run the vision tower together.
+
+    Each module's parameters are gathered by a collective when it runs, so a rank may run the
+    tower only when every other rank does. Called by every rank at the same point of every shared
+    log-prob pass (``models.forward.shared_prefix_hidden`` with ``sync_vision``): the ranks agree
+    (one all-reduce of a flag) whether any of them still lacks the features of its distinct
+    prompts; if one does, each rank runs the tower once, on its own images when it lacks their
+    features, else on a blank image (``blank_image``) whose features are dropped. Whether a
+    rank's features are already there differs between ranks: generation keeps them (it runs
+    with all parameters gathered, no collective per module), a rank may hold no image at all, and
+    a batch re-encoded by dynamic sampling starts empty; the agreement makes that harmless."""
+    need = has_images(unique) and ("image_features", id(model)) not in unique.cache
+    device = next(model.parameters()).device
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([float(need)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        anyone = bool(flag.item())
+    else:
+        anyone = need
+    if not anyone:
+        return
+    if need:
+        image_features(model, unique)
+        return
+    base = getattr(model, "model", model)
+    pixels, grid = blank_image(model.config, device, next(base.visual.parameters()).dtype)
+    with torch.no_grad():
+        base.get_image_features(pixels, grid, return_dict=True)
 
 
 def has_images(prompts: PromptBatch) -> bool:
@@ -126,3 +168,53 @@ def reserve(cache, extra: int):
     cache.layers = [ReservedLayer(layer.keys, layer.values, extra) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return cache
+
+
+class PromptLayer(DynamicLayer):
+    """One decoder layer's keys/values (b, heads, P, d) of a prompt-only pass, written once.
+
+    The first ``update`` keeps the prompt's keys and values (with their autograd history: the
+    completions' gradients flow back through them into the prompt pass); any later one is the
+    backward pass replaying a checkpointed layer, which must store nothing (a ``DynamicLayer``
+    would append a second copy). Either way the pass attends to the keys it was given: a prompt
+    pass starts from an empty cache."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.keys, self.values = key_states, value_states
+            self.device, self.is_initialized = key_states.device, True
+        return key_states, value_states
+
+
+class PrefixLayer(DynamicLayer):
+    """Read-only view of a prompt pass's keys/values for the rows that continue it.
+
+    ``update`` returns the rows' prompt keys/values (``keys[rows]``) followed by the new tokens'
+    and stores nothing, so the completion pass, and its replay under activation checkpointing,
+    read the same prefix. Rows are picked at each call: the (n, heads, P, d) copy lives only
+    while a layer runs (under checkpointing it is not kept for the backward pass; without, the
+    attention keeps its concatenation anyway). Indexing is differentiable: the gradients of a
+    prompt's G rows add up in its prompt-pass keys."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
+        super().__init__()
+        self.keys, self.values, self.rows = keys, values, rows
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return (torch.cat([self.keys[self.rows], key_states], dim=-2),
+                torch.cat([self.values[self.rows], value_states], dim=-2))
+
+
+class PromptCache(DynamicCache):
+    """The cache of a prompt-only pass (``PromptLayer`` per decoder layer, created on first use)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=PromptLayer)
+
+
+class PrefixCache(DynamicCache):
+    """A filled ``PromptCache`` seen by the rows ``rows`` (n,) that continue its prompts (``PrefixLayer``)."""
+
+    def __init__(self, prompt: PromptCache, rows: torch.Tensor):
+        Cache.__init__(self, layers=[PrefixLayer(layer.keys, layer.values, rows) for layer in prompt.layers])

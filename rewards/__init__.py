@@ -1,9 +1,11 @@
 """Rewards for GRPO on vision-language models (PathVLM-R1): accuracy, format, and the
 cross-modal process reward scored by an LLM judge, and DAPO's soft overlong punishment
-(``OverlongPenalty``, docs/algorithms.md). See docs/rewards.md."""
+(``OverlongPenalty``, docs/algorithms.md); plain TRL-style reward functions run through
+``FunctionReward``. See docs/rewards.md."""
 from rewards.accuracy import AccuracyReward
 from rewards.base import AsyncReward, Reward, RewardError, RewardSample
 from rewards.format_reward import FormatReward
+from rewards.functions import FunctionReward, TrainerState, as_rewards
 from rewards.judge.client import JudgeClient, JudgeError
 from rewards.judge.config import JudgeConfig
 from rewards.judge.parse import Verdict, VerdictError, parse_verdict
@@ -13,9 +15,10 @@ from rewards.process import ProcessReward
 from rewards.runner import score_all
 
 __all__ = [
-    "AccuracyReward", "AsyncReward", "FormatReward", "JudgeClient", "JudgeConfig", "JudgeError",
+    "AccuracyReward", "AsyncReward", "FormatReward", "FunctionReward", "JudgeClient", "JudgeConfig", "JudgeError",
     "OverlongPenalty", "ProcessReward", "PromptTemplate", "Reward", "RewardError", "RewardSample", "Verdict",
-    "VerdictError", "default_template", "parse_verdict", "score_all", "start_local_judge",
+    "VerdictError", "TrainerState", "as_rewards", "default_template", "parse_verdict", "score_all",
+    "start_local_judge",
 ]
 
 

@@ -22,7 +22,7 @@ ZERO3_TEST_CONFIG = {
 
 # The fixed-batch comparison: token-level loss (non-zero even at ratio 1), a reference model,
 # and mu = 2 so the second pass uses stored old log-probs with ratios != 1.
-FIXED_BATCH = dict(prompts_per_step=2, loss_aggregation="token_mean", beta=0.04, num_iterations=2, max_steps=4)
+FIXED_BATCH = dict(prompts_per_step=2, loss_type="dapo", beta=0.04, num_iterations=2, max_steps=4)
 
 
 # The same comparison under ZeRO-2 and ZeRO-3 with the optimizer offloaded (the paper's set-up):
@@ -116,10 +116,14 @@ class CountingSampler(FixedSampler):
         return super().__call__(*args, **kw)
 
 
-def make_config(out, **kw):
-    base = dict(num_generations=4, prompts_per_step=2, micro_batch_size=4, max_steps=2, learning_rate=1e-2,
-                max_completion_length=8, beta=0.0, output_dir=out, progress_bar=False, seed=7)
+def make_config(out, prompts_per_step: int = 2, **kw):
+    """A small GRPOConfig; ``prompts_per_step`` (groups per process per step) sets
+    gradient_accumulation_steps for the given per_device_train_batch_size (default 4)."""
+    base = dict(num_generations=4, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                max_completion_length=8, beta=0.0, output_dir=out, disable_tqdm=True, seed=7)
     base.update(kw)
+    base.setdefault("gradient_accumulation_steps",
+                    max(1, prompts_per_step * base["num_generations"] // base["per_device_train_batch_size"]))
     return GRPOConfig(**base)
 
 

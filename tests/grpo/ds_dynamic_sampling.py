@@ -50,7 +50,7 @@ def main():
                       dynamic_sampling=True, max_resample_rounds=3)
     reward = FlatFor()
     trainer = GRPOTrainer(tiny_model(ckpt), [reward], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     rank = trainer.engine.rank
     mine = [it["id"] for r in range(cfg.max_steps) for it in trainer.items_for_round(r, cfg.prompts_per_step)]
     reward.flat = set(trainer.engine.all_gather_objects(mine)[1])   # rank 1's own prompts: no signal

@@ -31,7 +31,7 @@ def scenario_other_zero_stages(ckpt, out):
     for name in ("zero2", "zero3_offload"):
         cfg = make_config(f"{out}/{name}", deepspeed=os.path.join(out, f"ds_{name}.json"), **FIXED_BATCH)
         trainer = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                              processor=tiny_model.processor)
+                              processing_class=tiny_model.processor)
         trainer.sampler = FixedSampler()
         history = trainer.train()
         result[name] = {"loss": [h["loss"] for h in history], "grad_norm": [h["grad_norm"] for h in history],
@@ -44,7 +44,7 @@ def scenario_fixed_batch(ckpt, out):
     import deepspeed
     cfg = make_config(out, deepspeed=os.path.join(out, "ds_zero3.json"), **FIXED_BATCH)
     trainer = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     engine = trainer.engine.engine
     partitioned = [p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters()]
@@ -64,34 +64,44 @@ def scenario_generate(ckpt, out):
     rank = int(os.environ["RANK"])
     items = dataset(with_images=(rank == 0))  # rank 1's prompts hold no image
     trainer = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=items,
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
+    seed_after_init = torch.initial_seed()
+    # the same prompt on both ranks, sampled with the trainer's sampler: per-rank seeds draw
+    # different completions (with one shared seed both ranks would draw the same ones)
+    same = trainer.adapter.encode_prompts([dataset(1, with_images=False)[0]["messages"]], [[]])
+    state = torch.get_rng_state()
+    with trainer.engine.generation_model() as gen_model:
+        comp = trainer.sampler(gen_model, trainer.adapter, same.repeat_interleave(4), cfg)
+    torch.set_rng_state(state)  # the training run below starts from the seeded state
     t0 = time.time()
     history = trainer.train()
     return {"gen_loss": [h["loss"] for h in history], "gen_kl": [h["kl_mean"] for h in history],
             "gen_lengths": [h["completion/length_mean"] for h in history], "gen_time": time.time() - t0,
-            "gen_has_ref": trainer.engine.ref_module is not None}
+            "gen_has_ref": trainer.engine.ref_module is not None, "gen_seed": seed_after_init,
+            "gen_run_seed": cfg.seed, "gen_same_prompt_ids": comp.ids.tolist()}
 
 
 def scenario_resume(ckpt, out):
+    """Save at step 1, resume to step 3: the same losses as an uninterrupted run, with forced
+    completions and with real sampling (each rank's own seeded stream, restored from the
+    checkpoint's per-rank RNG state)."""
     from grpo import GRPOTrainer
     ds_cfg = os.path.join(out, "ds_zero3.json")
-    full = GRPOTrainer(tiny_model(ckpt), [LengthReward()], train_dataset=dataset(),
-                       processor=tiny_model.processor,
-                       args=make_config(out + "/full", deepspeed=ds_cfg, max_steps=3, save_steps=0))
-    full.sampler = FixedSampler()
-    losses_full = [h["loss"] for h in full.train()]
-    first = GRPOTrainer(tiny_model(ckpt), [LengthReward()], train_dataset=dataset(),
-                        processor=tiny_model.processor,
-                        args=make_config(out + "/part", deepspeed=ds_cfg, max_steps=1, save_steps=1))
-    first.sampler = FixedSampler()
-    first.train()
-    second = GRPOTrainer(tiny_model(ckpt), [LengthReward()], train_dataset=dataset(),
-                         processor=tiny_model.processor,
-                         args=make_config(out + "/part", deepspeed=ds_cfg, max_steps=3,
-                                          resume_from_checkpoint="auto"))
-    second.sampler = FixedSampler()
-    resumed = [h["loss"] for h in second.train()]
-    return {"resume_full": losses_full, "resume_tail": resumed}
+    result = {}
+    for tag, fixed in (("", True), ("sampled_", False)):
+        def trainer(sub, **kw):
+            t = GRPOTrainer(tiny_model(ckpt), [LengthReward()], train_dataset=dataset(),
+                            processing_class=tiny_model.processor,
+                            args=make_config(f"{out}/{tag}{sub}", deepspeed=ds_cfg, **kw))
+            if fixed:
+                t.sampler = FixedSampler()
+            return t
+        full = [(h["loss"], h["completion/length_mean"]) for h in trainer("full", max_steps=3, save_steps=0).train()]
+        trainer("part", max_steps=1, save_steps=1).train()
+        tail = [(h["loss"], h["completion/length_mean"])
+                for h in trainer("part", max_steps=3, resume_from_checkpoint="auto").train()]
+        result[f"{tag}resume_full"], result[f"{tag}resume_tail"] = full, tail
+    return result
 
 
 def main():

@@ -33,7 +33,7 @@ def main():
     cfg = make_config(out + "/trace", deepspeed=os.path.join(out, "ds_zero3.json"), beta=0.04,
                       num_iterations=MU, max_steps=ROUNDS * MU, prompts_per_step=2)
     trainer = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=dataset(with_images=rank == 0),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     engine = trainer.engine
     probe = ZeroFetchProbe(engine)
     ids_at_start, hooks_at_start = probe.ds_ids(), probe.hook_counts()

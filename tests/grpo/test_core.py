@@ -12,7 +12,7 @@ from grpo.config import GRPOConfig, SFTConfig
 from grpo.core import (
     ADVANTAGE_SCALES,
     KL_ESTIMATORS,
-    LOSS_AGGREGATIONS,
+    LOSS_TYPES,
     LR_SCHEDULES,
     RATIO_LEVELS,
     REWARD_AGGREGATIONS,
@@ -205,7 +205,7 @@ def test_policy_loss_token_hand():
     close(m["ratio_mean"], 1.0)     # 2 * (0.5+0.9+1+1.1+1.5) / 10 = 10/10
     close(m["ratio_min"], 0.5)
     close(m["ratio_max"], 1.5)
-    assert "clipfrac_dual" not in m
+    assert "clipfrac_delta" not in m
     loss.sum().backward()
     # d(-r A)/dlogp = -A r where the unclipped branch is active, 0 on clipped tokens
     close(logp.grad, [[-0.5, -0.9, -1.0, -1.1, 0.0], [0.0, 0.9, 1.0, 1.1, 1.5]])
@@ -224,11 +224,11 @@ def test_policy_loss_clip_higher_hand():
 def test_policy_loss_dual_clip_hand():
     logp = _lp([[0.5, 2.0, 4.0], [0.5, 2.0, 4.0]])
     adv = T([-2.0, 2.0])
-    loss, m = policy_loss(logp, torch.zeros_like(logp), adv, torch.ones(2, 3), 0.2, 0.2, dual_clip=3.0)
+    loss, m = policy_loss(logp, torch.zeros_like(logp), adv, torch.ones(2, 3), 0.2, 0.2, delta=3.0)
     # A=-2: PPO loss = 2 * max(r, clip(r)) = [2*.8=1.6, 2*2=4, 2*4=8]; dual cap -c A = 6 -> [1.6, 4, 6]
     # A=+2: -2 * min(r, clip(r)) = [-1.0, -2.4, -2.4] (dual clip never touches A > 0)
     close(loss, [[1.6, 4.0, 6.0], [-1.0, -2.4, -2.4]])
-    close(m["clipfrac_dual"], 1 / 6)   # (A<0, r=4 > 3): 1 of 6
+    close(m["clipfrac_delta"], 1 / 6)   # (A<0, r=4 > 3): 1 of 6
     close(m["clipfrac_low"], 1 / 6)    # (A<0, r=0.5)
     close(m["clipfrac_high"], 2 / 6)   # (A>0, r=2 and r=4)
     loss.sum().backward()
@@ -250,10 +250,10 @@ def test_policy_loss_mask_garbage_and_on_policy():
 
 def test_policy_loss_errors():
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="dual_clip"):
-        policy_loss(x, x, torch.zeros(1), x, dual_clip=1.0)
+    with pytest.raises(ValueError, match="delta"):
+        policy_loss(x, x, torch.zeros(1), x, delta=1.0)
     with pytest.raises(ValueError, match="valid names"):
-        policy_loss(x, x, torch.zeros(1), x, ratio_level="tokens")
+        policy_loss(x, x, torch.zeros(1), x, importance_sampling_level="tokens")
     assert RATIO_LEVELS["gspo"] is RATIO_LEVELS["sequence"] is RATIO_LEVELS["sequence_token"]
 
 
@@ -263,7 +263,7 @@ def test_policy_loss_gspo_hand():
     logp = T([[LN2, 0.0, 5.0], [LN2, -LN2, 0.0]], requires_grad=True)
     mask = T([[1, 1, 0], [1, 1, 1]]).bool()
     adv = T([-1.0, 1.0])
-    loss, m = policy_loss(logp, torch.zeros_like(logp), adv, mask, 0.2, 0.2, ratio_level="sequence")
+    loss, m = policy_loss(logp, torch.zeros_like(logp), adv, mask, 0.2, 0.2, importance_sampling_level="sequence")
     s = math.sqrt(2)
     # seq0 A=-1: max(s, clip(s)=1.2) = s on both valid tokens ; seq1 A=+1: -min(1, 1) = -1
     close(loss, [[s, s, 0.0], [-1.0, -1.0, -1.0]])
@@ -278,14 +278,14 @@ def test_policy_loss_gspo_hand():
 
     # same sequence with A=+1: s = 1.414 > 1.2 is clipped -> loss -1.2 at every token, zero gradient
     logp.grad = None
-    loss, m = policy_loss(logp, torch.zeros_like(logp), T([1.0, 1.0]), mask, ratio_level="sequence")
+    loss, m = policy_loss(logp, torch.zeros_like(logp), T([1.0, 1.0]), mask, importance_sampling_level="sequence")
     close(loss[0], [-1.2, -1.2, 0.0])
     close(m["clipfrac_high"], 2 / 5)
     loss.sum().backward()
     close(logp.grad[0], [0.0, 0.0, 0.0])
 
 
-@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("mode", ["grpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("dual", [None, 3.0])
 def test_gspo_equals_grpo_at_ratio_one(mode, dual):
     # With old_logp = logp every token ratio r_t = 1 and every sequence ratio s_i = 1, so both
@@ -298,7 +298,7 @@ def test_gspo_equals_grpo_at_ratio_one(mode, dual):
     out = {}
     for level in ["token", "sequence"]:
         lp = logp0.clone().requires_grad_(True)
-        loss, _ = policy_loss(lp, lp.detach(), adv, mask, dual_clip=dual, ratio_level=level)
+        loss, _ = policy_loss(lp, lp.detach(), adv, mask, delta=dual, importance_sampling_level=level)
         agg = aggregate_loss(loss, mask, mode, max_completion_length=7)
         agg.backward()
         out[level] = (agg.detach(), lp.grad)
@@ -351,14 +351,14 @@ MASK = [[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]   # third sequence empty (its 
 def test_aggregate_hand():
     loss, mask = T(LOSS), T(MASK).bool()
     # seq means: (1+2+3+4)/4 = 2.5, (5+6)/2 = 5.5, empty excluded -> (2.5 + 5.5) / 2 = 4.0
-    close(aggregate_loss(loss, mask, "seq_mean_token_mean"), 4.0)
     close(aggregate_loss(loss, mask, "grpo"), 4.0)
     # token mean: (1+2+3+4+5+6) / 6 = 21/6 = 3.5 ; with a global count of 12 tokens: 21/12 = 1.75
-    close(aggregate_loss(loss, mask, "token_mean"), 3.5)
+    close(aggregate_loss(loss, mask, "dapo"), 3.5)
     close(aggregate_loss(loss, mask, "dapo", num_tokens=12), 1.75)
-    close(aggregate_loss(loss, mask, "bnpo", num_tokens=torch.tensor(12)), 1.75)
+    # bnpo (TRL's local token mean) ignores the global count: this call's 6 tokens -> 3.5
+    close(aggregate_loss(loss, mask, "bnpo", num_tokens=torch.tensor(12)), 3.5)
     # Dr. GRPO: 21 / (3 sequences * L) ; L = 4 -> 1.75 ; L = 8 -> 0.875
-    close(aggregate_loss(loss, mask, "seq_mean_token_sum_norm", max_completion_length=4), 1.75)
+    close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=4), 1.75)
     close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=8), 0.875)
     close(aggregate_loss(loss, mask, "dr_grpo", max_completion_length=4, num_rows=6), 0.875)  # 21/24
 
@@ -367,17 +367,21 @@ def test_aggregate_microbatch_split_hand():
     loss, mask = T(LOSS), T(MASK).bool()
     parts = [(loss[:1], mask[:1]), (loss[1:], mask[1:])]
     # token_mean with per-call counts: 10/4 + 11/2 = 8.0 (and their mean 4.0) != 3.5 = full batch ...
-    local = sum(aggregate_loss(l, m, "token_mean") for l, m in parts)
+    local = sum(aggregate_loss(l, m, "dapo") for l, m in parts)
     close(local, 8.0)
     # ... with the global count 6: 10/6 + 11/6 = 21/6 = 3.5
-    close(sum(aggregate_loss(l, m, "token_mean", num_tokens=6) for l, m in parts), 3.5)
+    close(sum(aggregate_loss(l, m, "dapo", num_tokens=6) for l, m in parts), 3.5)
+    # bnpo keeps the per-call counts whatever it is told; the trainer averages it over the
+    # micro-batches (LOSS_TYPES["bnpo"].local): (10/4 + 11/2) / 2 = 4.0, as TRL's bnpo
+    assert getattr(LOSS_TYPES["bnpo"], "local", False) and not getattr(LOSS_TYPES["dapo"], "local", False)
+    close(sum(aggregate_loss(l, m, "bnpo", num_tokens=6) for l, m in parts) / len(parts), 4.0)
     # Dr. GRPO with num_sequences=3 (global), L=4: 10/12 + 11/12 = 1.75
     close(sum(aggregate_loss(l, m, "dr_grpo", num_rows=3, max_completion_length=4) for l, m in parts), 1.75)
     # seq-mean with the global number of non-empty sequences (2): 2.5/2 + 5.5/2 = 4.0
     close(sum(aggregate_loss(l, m, "grpo", num_sequences=2) for l, m in parts), 4.0)
 
 
-@pytest.mark.parametrize("mode", sorted(LOSS_AGGREGATIONS))
+@pytest.mark.parametrize("mode", sorted(LOSS_TYPES))
 def test_aggregate_empty_is_zero(mode):
     loss = torch.full((2, 3), NAN)
     out = aggregate_loss(loss, torch.zeros(2, 3, dtype=torch.bool), mode, max_completion_length=3)
@@ -386,7 +390,7 @@ def test_aggregate_empty_is_zero(mode):
 
 def test_aggregate_errors():
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="valid names.*dr_grpo.*grpo.*seq_mean_token_mean.*token_mean"):
+    with pytest.raises(ValueError, match=r"valid names: \[.bnpo., .dapo., .dr_grpo., .grpo.\]"):
         aggregate_loss(x, x, "mean")
     with pytest.raises(ValueError, match="max_completion_length"):
         aggregate_loss(x, x, "dr_grpo")
@@ -404,13 +408,13 @@ def test_masked_mean_hand():
 # --------------------------------------------------------------------------- registries and the config
 
 @pytest.mark.parametrize("field, registry", [
-    ("advantage_scale", ADVANTAGE_SCALES), ("kl_estimator", KL_ESTIMATORS), ("ratio_level", RATIO_LEVELS),
-    ("loss_aggregation", LOSS_AGGREGATIONS), ("lr_scheduler", LR_SCHEDULES),
-    ("reward_aggregation", REWARD_AGGREGATIONS)])
+    ("scale_rewards", ADVANTAGE_SCALES), ("kl_estimator", KL_ESTIMATORS), ("importance_sampling_level", RATIO_LEVELS),
+    ("loss_type", LOSS_TYPES), ("lr_scheduler_type", LR_SCHEDULES),
+    ("multi_objective_aggregation", REWARD_AGGREGATIONS)])
 def test_config_accepts_exactly_the_registered_names(field, registry, monkeypatch):
     for name in registry:
         # normalize_then_sum already normalises per group: it needs a batch (or no) advantage scale
-        extra = {"advantage_scale": "batch"} if field == "reward_aggregation" else {}
+        extra = {"scale_rewards": "batch"} if field == "multi_objective_aggregation" else {}
         assert getattr(GRPOConfig(**{field: name, **extra}), field) == name
     with pytest.raises(ValueError, match=f"{field}='bogus': choose one of {', '.join(registry.canonical)}"):
         GRPOConfig(**{field: "bogus"})
@@ -423,7 +427,7 @@ def test_registry_canonical_names_and_aliases():
     assert KL_ESTIMATORS.canonical == ["k1", "k2", "k3"]
     assert KL_ESTIMATORS.aliases == ["kl", "mse", "low_var_kl"]
     assert RATIO_LEVELS.canonical == ["token", "sequence"]
-    assert LOSS_AGGREGATIONS.canonical == ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+    assert LOSS_TYPES.canonical == ["grpo", "bnpo", "dapo", "dr_grpo"]
     assert ADVANTAGE_SCALES.canonical == ["group", "batch", "none"]
     assert REWARD_AGGREGATIONS.canonical == ["sum_then_normalize", "normalize_then_sum"]
     assert REWARD_AGGREGATIONS.aliases == ["gdpo"]
@@ -434,7 +438,7 @@ def test_registry_canonical_names_and_aliases():
 def test_lr_schedules_hand():
     # warm-up 2 of 10 steps: (step + 1) / 3 for steps 0, 1; then progress = (step - 2) / 8
     def at(kind):
-        f = lr_lambda(SFTConfig(lr_scheduler=kind, warmup_steps=2, max_steps=10))
+        f = lr_lambda(SFTConfig(lr_scheduler_type=kind, warmup_steps=2, max_steps=10))
         return [f(s) for s in (0, 1, 2, 6, 10, 12)]
     close(at("constant"), [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0])
     close(at("linear"), [1 / 3, 2 / 3, 1.0, 0.5, 0.0, 0.0])          # 1 - progress, floored at 0
@@ -594,11 +598,11 @@ def test_grpo_token_loss_pg_mask_and_entropy_bonus_hand():
 # --------------------------------------------------------------------------- issue 17 config fields
 
 def test_config_new_fields_validation_names_field_and_values():
-    assert GRPOConfig(reward_aggregation="gdpo", advantage_scale="batch").reward_aggregation == "gdpo"
+    assert GRPOConfig(multi_objective_aggregation="gdpo", scale_rewards="batch").multi_objective_aggregation == "gdpo"
     cases = [
-        (dict(reward_aggregation="mean"), "reward_aggregation='mean': choose one of sum_then_normalize, "
+        (dict(multi_objective_aggregation="mean"), "multi_objective_aggregation='mean': choose one of sum_then_normalize, "
                                           "normalize_then_sum .aliases: gdpo."),
-        (dict(reward_aggregation="normalize_then_sum"), "advantage_scale one of batch, none"),
+        (dict(multi_objective_aggregation="normalize_then_sum"), "scale_rewards one of batch, none"),
         (dict(max_resample_rounds=-1), "max_resample_rounds=-1: must be >= 0"),
         (dict(top_entropy_quantile=0.0), "top_entropy_quantile=0.0: must be in .0, 1., e.g. 0.2"),
         (dict(top_entropy_quantile=1.5), "top_entropy_quantile=1.5"),

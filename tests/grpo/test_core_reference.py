@@ -131,7 +131,7 @@ def ref_policy(logp, old, adv, mask, el, eh, dual, level):
     metrics = {"clipfrac_low": n_low / n, "clipfrac_high": n_high / n, "ratio_mean": sum(ratios) / n,
                "ratio_min": min(ratios), "ratio_max": max(ratios)}
     if dual is not None:
-        metrics["clipfrac_dual"] = n_dual / n
+        metrics["clipfrac_delta"] = n_dual / n
     return loss, dloss, metrics
 
 
@@ -140,13 +140,13 @@ def ref_aggregate_weights(mask, mode, L):
     N, T = mask.shape
     w = np.zeros((N, T))
     lens = mask.sum(1)
-    if mode == "seq_mean_token_mean":
+    if mode == "grpo":
         n_seq = int((lens > 0).sum())
         for i in range(N):
             for t in range(T):
                 if mask[i, t]:
                     w[i, t] = 1.0 / (n_seq * lens[i])
-    elif mode == "token_mean":
+    elif mode == "dapo":
         w[mask] = 1.0 / mask.sum()
     else:  # Dr. GRPO
         w[mask] = 1.0 / (N * L)
@@ -173,7 +173,7 @@ def _random_batch(seed, N=7, T=9):
     return logp, old, adv, mask
 
 
-@pytest.mark.parametrize("mode", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("mode", ["grpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("dual", [None, 3.0])
 @pytest.mark.parametrize("eps", [(0.2, 0.2), (0.2, 0.28)])
@@ -199,7 +199,7 @@ def test_policy_loss_and_aggregation_vs_reference(mode, level, dual, eps):
     # the random batch really exercises the branches
     assert ref_m["clipfrac_low"] + ref_m["clipfrac_high"] > 0
     if dual is not None:
-        assert ref_m["clipfrac_dual"] > 0
+        assert ref_m["clipfrac_delta"] > 0
 
 
 @pytest.mark.parametrize("dual", [None, 3.0])
@@ -211,7 +211,7 @@ def test_gspo_token_seq_mean_equals_gspo_sequence_objective(dual):
     m_t = torch.from_numpy(mask)
     lp = torch.from_numpy(logp).requires_grad_(True)
     loss, _ = policy_loss(lp, torch.from_numpy(old), torch.from_numpy(adv), m_t, 0.2, 0.2, dual, "sequence")
-    aggregate_loss(loss, m_t, "seq_mean_token_mean").backward()
+    aggregate_loss(loss, m_t, "grpo").backward()
 
     lp2 = torch.from_numpy(np.nan_to_num(logp)).requires_grad_(True)
     terms = []
@@ -231,7 +231,7 @@ def test_gspo_token_seq_mean_equals_gspo_sequence_objective(dual):
     assert lp.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum_norm", "seq_mean_token_mean"])
+@pytest.mark.parametrize("mode", ["dapo", "dr_grpo", "grpo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_microbatch_gradient_accumulation_equals_full_batch(mode, level):
     # Gradient accumulation: sum over micro-batches of aggregate(..., global counts) must equal the
@@ -244,14 +244,14 @@ def test_microbatch_gradient_accumulation_equals_full_batch(mode, level):
     kw["num_rows"] = mask.shape[0]                         # every row (Dr. GRPO's constant normaliser)
 
     lp = torch.from_numpy(logp).requires_grad_(True)
-    full = aggregate_loss(policy_loss(lp, old_t, adv_t, m_t, ratio_level=level)[0], m_t, mode, max_completion_length=L)
+    full = aggregate_loss(policy_loss(lp, old_t, adv_t, m_t, importance_sampling_level=level)[0], m_t, mode, max_completion_length=L)
     full.backward()
     g_full = lp.grad.clone()
 
     lp.grad = None
     total = 0.0
     for sl in [slice(0, 3), slice(3, 4), slice(4, 10)]:
-        pl, _ = policy_loss(lp[sl], old_t[sl], adv_t[sl], m_t[sl], ratio_level=level)
+        pl, _ = policy_loss(lp[sl], old_t[sl], adv_t[sl], m_t[sl], importance_sampling_level=level)
         part = aggregate_loss(pl, m_t[sl], mode, **kw)
         part.backward()
         total += part.item()
@@ -259,7 +259,7 @@ def test_microbatch_gradient_accumulation_equals_full_batch(mode, level):
     np.testing.assert_allclose(lp.grad.numpy(), g_full.numpy(), rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("mode", ["dapo", "dr_grpo"])
 @pytest.mark.parametrize("dual", [None, 3.0])
 def test_gspo_token_equals_trl_sequence_level_under_token_weighted_aggregations(mode, dual):
     # TRL GRPOTrainer, importance_sampling_level="sequence": one ratio per sequence,
@@ -283,7 +283,7 @@ def test_gspo_token_equals_trl_sequence_level_under_token_weighted_aggregations(
     if dual is not None:
         per_seq = torch.where(a < 0, torch.min(per_seq, -dual * a), per_seq)
     total = (per_seq * m).sum()                                                          # broadcast over tokens
-    trl = total / m.sum() if mode == "token_mean" else total / (m.shape[0] * L)
+    trl = total / m.sum() if mode == "dapo" else total / (m.shape[0] * L)
     trl.backward()
     np.testing.assert_allclose(ours.item(), trl.item(), rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(lp.grad.numpy(), lp2.grad.numpy() * mask, rtol=1e-9, atol=1e-14)

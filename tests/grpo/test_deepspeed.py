@@ -28,9 +28,9 @@ def test_zero3_two_processes_match_one_process_on_the_same_global_batch(two_rank
     from grpo import GRPOTrainer
     # 1 process, twice the prompts per step = the same global batch, no DeepSpeed
     cfg = make_config(str(tmp_path), **{**FIXED_BATCH, "prompts_per_step": 2 * FIXED_BATCH["prompts_per_step"],
-                                        "micro_batch_size": 4})
+                                        "per_device_train_batch_size": 4})
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     single = trainer.train()
     ds = two_ranks[0]
@@ -58,9 +58,9 @@ def single_process(tiny_ckpt, tmp_path_factory):
     """The 1-process, no-DeepSpeed run of the same global batch."""
     from grpo import GRPOTrainer
     cfg = make_config(str(tmp_path_factory.mktemp("single")),
-                      **{**FIXED_BATCH, "prompts_per_step": 2 * FIXED_BATCH["prompts_per_step"], "micro_batch_size": 4})
+                      **{**FIXED_BATCH, "prompts_per_step": 2 * FIXED_BATCH["prompts_per_step"], "per_device_train_batch_size": 4})
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     return trainer.train()
 
@@ -86,6 +86,21 @@ def test_zero3_rollout_with_an_imageless_rank_and_reference_engine(two_ranks):
     assert two_ranks[0]["gen_loss"] == two_ranks[1]["gen_loss"]  # metrics are averaged over ranks
 
 
-def test_zero3_resume_continues_with_identical_losses(two_ranks):
+def test_each_rank_samples_from_its_own_seed(two_ranks):
+    """Sampling seeds are the run seed + rank (TRL's device-specific seeding): rank 0 keeps the
+    run seed, and the two ranks draw different completions for the same prompt."""
+    seeds = [r["gen_seed"] for r in two_ranks]
+    assert seeds == [two_ranks[0]["gen_run_seed"], two_ranks[0]["gen_run_seed"] + 1]
+    a, b = (r["gen_same_prompt_ids"] for r in two_ranks)
+    assert len(a) == len(b) == 4 and a != b
+
+
+@pytest.mark.parametrize("tag", ["", "sampled_"], ids=["forced", "sampled"])
+def test_zero3_resume_continues_with_identical_losses(two_ranks, tag):
+    """Forced completions, and real sampling from each rank's own stream (seed + rank): the
+    resumed steps have the losses and completion lengths of the uninterrupted run."""
     rank = two_ranks[0]
-    assert rank["resume_tail"] == pytest.approx(rank["resume_full"][1:], rel=1e-6, abs=1e-9)
+    full, tail = rank[f"{tag}resume_full"], rank[f"{tag}resume_tail"]
+    assert len(tail) == 2
+    assert [x for pair in tail for x in pair] == pytest.approx([x for pair in full[1:] for x in pair],
+                                                               rel=1e-6, abs=1e-9)

@@ -160,3 +160,44 @@ def test_logprobs_chunked_gradient_matches_full_softmax(tiny_ckpt, tiny_processo
     ref.sum().backward()
     assert torch.allclose(logp, ref, atol=1e-5)
     assert torch.allclose(ours, model.lm_head.weight.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_logprobs_and_gradients_match_a_full_forward(tiny_ckpt, tiny_processor, frozen, checkpointing):
+    """The shared path (each distinct prompt run once, its KV cache read by its rows), with
+    activation checkpointing and ZeRO-3's ``sync_vision``, against Hugging Face's own full forward
+    over prompt + completion: same log-probs, same gradients of the head, a decoder layer and (when
+    it trains) the vision tower."""
+    from models.loading import freeze_vision
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_ckpt).train()
+    if frozen:
+        freeze_vision(model)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    adapter = QwenVLAdapter(tiny_processor)
+    batch = adapter.encode_prompts([_messages("Q"), _messages("What is shown??")],
+                                   [[noise_image(5)], [noise_image(6, (56, 112))]]).repeat_interleave(3)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 500, (6, 5), generator=g)
+    weights = torch.randn(6, 5, generator=g)
+    mask = torch.ones_like(ids)
+    logp, _ = CompletionLogProbs(model, adapter, chunk_size=4, sync_vision=True)(
+        ids, temperature=0.7, **adapter.shared_forward_inputs(batch, mask))
+    (logp * weights).sum().backward()
+    names = ["lm_head.weight", "model.language_model.layers.0.self_attn.k_proj.weight"]
+    if not frozen:
+        names.append("model.visual.blocks.0.attn.qkv.weight")
+    params = dict(model.named_parameters())
+    ours = {n: params[n].grad.clone() for n in names}
+    model.zero_grad()
+    if checkpointing:
+        model.activation_checkpointing_disable()
+    logits = model(**adapter.forward_inputs(batch, ids, mask)).logits[:, -6:-1].float() / 0.7
+    ref = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    (ref * weights).sum().backward()
+    assert torch.allclose(logp, ref, atol=1e-5)
+    for n in names:
+        assert params[n].grad.abs().max() > 1e-4, n
+        assert torch.allclose(ours[n], params[n].grad, atol=1e-5, rtol=1e-4), n

@@ -83,11 +83,11 @@ def test_grpo_step_with_two_images_of_different_sizes_from_a_datasets_dataset(ti
     model = tiny_model(tiny_ckpt)
     processor = tiny_model.processor
     reference = copy.deepcopy(model).eval()
-    cfg = GRPOConfig(num_generations=2, prompts_per_step=2, micro_batch_size=2, max_steps=1,
+    cfg = GRPOConfig(num_generations=2, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
                      max_completion_length=5, beta=0.04, temperature=0.9,
-                     output_dir=str(tmp_path / "out"), progress_bar=False)
+                     output_dir=str(tmp_path / "out"), disable_tqdm=True)
     trainer = GRPOTrainer(model, [LengthReward()], args=cfg, train_dataset=ds,
-                          processor=processor)
+                          processing_class=processor)
     records = trainer.dataset  # the Dataset went through the R1 layout
     assert [(r.id, r.answer, len(r.images)) for r in records] == [
         ("r1-train-0", "the first", 2), ("r1-train-1", "the first", 2)]
@@ -119,9 +119,9 @@ def test_sft_step_with_two_images_matches_the_hf_loss(tiny_ckpt, tmp_path):
     model = tiny_model(tiny_ckpt)
     processor = tiny_model.processor
     start = copy.deepcopy(model).eval()
-    trainer = SFTTrainer(model, SFTConfig(batch_size=2, micro_batch_size=2, max_steps=1,
+    trainer = SFTTrainer(model, SFTConfig(per_device_train_batch_size=2, max_steps=1,
                                           learning_rate=1e-3, output_dir=str(tmp_path / "sft"),
-                                          progress_bar=False), records, processor)
+                                          disable_tqdm=True), records, processor)
     target = processor.tokenizer(build_sft_target(records[0]) + "<|im_end|>",
                                  add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     expected = -_hf_logp(start, processor, records[0], records[0].images, target).mean()
@@ -135,8 +135,8 @@ def test_sft_step_with_two_images_matches_the_hf_loss(tiny_ckpt, tmp_path):
     # a Dataset is accepted as SFT data too (converted through the layouts)
     sft_ds = datasets.Dataset.from_dict({"image": [records[0].images], "problem": [
         "Which image is red? A) the first B) the second"], "solution": ["A"]})
-    again = SFTTrainer(start, SFTConfig(batch_size=1, micro_batch_size=1, max_steps=1,
-                                        output_dir=str(tmp_path / "sft2"), progress_bar=False),
+    again = SFTTrainer(start, SFTConfig(per_device_train_batch_size=1, max_steps=1,
+                                        output_dir=str(tmp_path / "sft2"), disable_tqdm=True),
                        sft_ds, processor)
     assert [(r.images, r.answer_letter) for r in again.dataset] == [(records[0].images, "A")]
 

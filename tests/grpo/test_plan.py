@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo.plan import (CHUNK_BUFFERS_GRAD, CHUNK_BUFFERS_NO_GRAD, ModelShape, Setup, estimate, image_tokens,
-                       layer_activation_bytes, main, max_image_tokens, model_state_bytes)
+from grpo.plan import (CHUNK_BUFFERS_GRAD, CHUNK_BUFFERS_NO_GRAD, ModelShape, Setup, activation_bytes, estimate,
+                       image_tokens, layer_activation_bytes, main, max_image_tokens, model_state_bytes)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).parent / "qwen25vl_configs"
@@ -202,7 +202,7 @@ def test_model_states_by_hand():
 def test_invalid_setups_name_the_problem(published):
     shape = published["3b"][0]
     for kw, msg in ((dict(dtype="fp32"), "fp32"), (dict(zero_stage=0, offload_optimizer="cpu"), "stage 1, 2 or 3"),
-                    (dict(micro_batch_size=3), "multiple of micro_batch_size"),
+                    (dict(per_device_train_batch_size=3), "multiple of num_generations"),
                     (dict(backend="torch", gpus=8), "one process")):
         with pytest.raises(ValueError, match=msg):
             estimate(shape, Setup(**kw))
@@ -271,9 +271,56 @@ def test_checkpointed_layers_keep_only_their_input():
     assert (got[1] - got[0]) / 2 == pytest.approx(4 * 192 * n * s, rel=0.01)   # e x h per token per layer
 
 
+def held_bytes(fn) -> int:
+    """Bytes of the distinct tensor storages that Python objects hold after ``fn()`` and did not
+    before (weights excluded): what checkpointing keeps (the layers' inputs, captured for the
+    replay) and what caches keep; tensors autograd saves in C++ are not seen."""
+    import gc
+    import warnings
+
+    def tensors():
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance() on a deprecated torch.distributed alias warns
+            warnings.simplefilter("ignore")
+            return [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    before = {id(o) for o in tensors()}
+    out = fn()  # noqa: F841 (kept alive while counting)
+    seen = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in tensors()
+            if id(o) not in before and not isinstance(o, torch.nn.Parameter)}
+    return sum(seen.values())
+
+
+def test_checkpointed_shared_prefix_keeps_layer_inputs_and_the_prompt_cache():
+    """Prompt sharing under checkpointing (models.forward.shared_prefix_hidden): per layer, the
+    inputs of the prompt pass (b x P tokens) and of the completion pass (n x (T - 1) tokens), and
+    the prompt's cached K/V at KV-head width (b x P), as the planner says; measured as the
+    difference between a 3-layer and a 1-layer model, less one CPU RNG state per checkpointed call
+    (``preserve_rng_state``; a GPU's is 16 bytes)."""
+    from models import forward
+    from models.batch import PromptBatch
+    b, g, p, t = 2, 3, 40, 7
+    got = []
+    for layers in (1, 3):
+        model, cfg = narrow_model(layers, torch.float32, "sdpa", checkpointing=True)
+        ids = torch.randint(3, 500, (b, p), generator=torch.Generator().manual_seed(0))
+        rows = PromptBatch(ids, torch.ones_like(ids), torch.zeros_like(ids), None, None,
+                           torch.zeros(b, dtype=torch.long)).repeat_interleave(g)
+        comp = torch.randint(3, 500, (b * g, t), generator=torch.Generator().manual_seed(1))
+        got.append(held_bytes(lambda: forward.shared_prefix_hidden(model, rows, comp, torch.ones_like(comp))))
+    rng = torch.get_rng_state().nbytes
+    measured = (got[1] - got[0]) / 2 - 2 * rng                  # two checkpointed calls per layer
+    shape = ModelShape.from_config(cfg.to_dict())
+    setup = Setup(backend="torch", dtype="fp32", device="cpu", attn_implementation="sdpa", gradient_checkpointing=True,
+                  num_generations=g, per_device_train_batch_size=b * g, gradient_accumulation_steps=1,
+                  prompt_text_tokens=p, images_per_prompt=0, max_completion_length=t - 1)   # the tokens fed
+    planned = [activation_bytes(dataclasses.replace(shape, num_layers=n), setup)[0] for n in (1, 3)]
+    assert (planned[1] - planned[0]) / 2 == 4 * 192 * (b * p + b * g * (t - 1)) + 4 * 2 * 64 * b * p
+    assert measured == pytest.approx((planned[1] - planned[0]) / 2, rel=0.01)
+
+
 def test_activations_with_and_without_checkpointing_and_prompt_sharing(published):
     shape = published["7b"][0]
-    base = Setup(backend="deepspeed", zero_stage=2, gpus=8, micro_batch_size=4, prompt_text_tokens=176,
+    base = Setup(backend="deepspeed", zero_stage=2, gpus=8, per_device_train_batch_size=4, prompt_text_tokens=176,
                  image_tokens=81, max_completion_length=192)
     plan = estimate(shape, base)
     shared = plan.numbers["train_tokens"]
@@ -282,14 +329,23 @@ def test_activations_with_and_without_checkpointing_and_prompt_sharing(published
     assert per_row == 4 * (257 + 192)
     full, ckpt = plan.row("activations, no checkpointing"), plan.row("activations, with checkpointing")
     assert "train" in full.phases and "train" not in ckpt.phases
-    # checkpointing turns prompt sharing off (transformers drops the cache): 4 x 449 tokens, each layer
-    # keeping its bf16 input, one layer recomputed in full (225,408 B per token, see test_paper_setup_by_hand),
-    # the final norm (4h + 2h) and the completion rows' hidden states (2h)
+    # without sharing: 4 x 449 tokens, each layer keeping its bf16 input, one layer recomputed in full
+    # (225,400 B per token, see test_paper_setup_by_hand), the final norm (4h + 2h) and the completion
+    # rows' hidden states (2h)
     tokens = 4 * 449
-    assert ckpt.bytes == 28 * 2 * 3584 * tokens + 225_400 * tokens + 6 * 3584 * tokens + 2 * 3584 * 4 * 192
-    assert ckpt.bytes < full.bytes / 8
-    z3 = estimate(shape, dataclasses.replace(base, zero_stage=3))
-    assert not z3.numbers["shared_prefix"]       # ZeRO-3 runs the per-row path (models.forward.can_share_prefix)
+    rows_ckpt = estimate(shape, dataclasses.replace(base, reuse_prompts=False)).row("activations, with checkpointing")
+    assert rows_ckpt.bytes == 28 * 2 * 3584 * tokens + 225_400 * tokens + 6 * 3584 * tokens + 2 * 3584 * 4 * 192
+    # checkpointing keeps prompt sharing (models.forward._cache_survives_checkpointing): 257 + 4 x 192
+    # tokens; the recomputed layer also holds the prompt's K/V read by the 4 rows (2 x 2 x 512 B per
+    # row and prompt token), and every layer the cached prompt K/V (2 x 2 x 512 B per prompt token)
+    tokens = 257 + 4 * 192
+    kv = 2 * 2 * 4 * 128
+    assert ckpt.bytes == (28 * 2 * 3584 * tokens + 225_400 * tokens + kv * 4 * 257 + 28 * kv * 257
+                          + 6 * 3584 * tokens + 2 * 3584 * 4 * 192)
+    assert ckpt.bytes < rows_ckpt.bytes < full.bytes / 8
+    for kw in (dict(zero_stage=3), dict(zero_stage=3, gradient_checkpointing=True)):
+        z3 = estimate(shape, dataclasses.replace(base, **kw))
+        assert z3.numbers["shared_prefix"] and z3.numbers["train_tokens"] == tokens   # shared under ZeRO-3 too
 
 
 # ------------------------------------------------------------------ log-prob chunk
@@ -346,7 +402,7 @@ def test_image_tokens_follow_the_image_processor():
 
 def paper_setup(**kw) -> Setup:
     base = dict(backend="deepspeed", zero_stage=3, offload_optimizer="cpu", gpus=8, num_generations=4,
-                prompts_per_step=2, micro_batch_size=4, max_completion_length=192, beta=0.04,
+                per_device_train_batch_size=4, gradient_accumulation_steps=2, max_completion_length=192, beta=0.04,
                 prompt_text_tokens=176, image_tokens=image_tokens(65536), freeze=("vision",))
     return Setup(**{**base, **kw})
 
@@ -367,8 +423,11 @@ def test_paper_setup_by_hand(published):
     # one layer, bf16, per token: norms 2 x (4h + 2*2h + 4), Q/K/V/O 2 x (h + 2*512 + h), lse 4 x 28, MLP 8 I
     per_token = 2 * (4 * 3584 + 4 * 3584 + 4) + 2 * (3584 + 1024 + 3584) + 112 + 8 * 18944
     assert per_token == 225_400
-    tokens = 4 * 449                                     # ZeRO-3: every row runs its prompt
-    act = 28 * per_token * tokens + (4 * 3584 + 2 * 3584) * tokens + 2 * 3584 * 4 * 192
+    tokens = 257 + 4 * 192                               # a micro-batch of 4 = one prompt's group, run once
+    # every layer also keeps the prompt's K/V read by the 4 rows' attention (flash: 4 KV heads x 128,
+    # K and V, bf16)
+    act = (28 * (per_token * tokens + 2 * 2 * 512 * 4 * 257) + (4 * 3584 + 2 * 3584) * tokens
+           + 2 * 3584 * 4 * 192)
     assert plan.row("activations, no checkpointing").bytes == act
     # log-prob chunk: 2^26 // 152,064 = 441 rows; backward holds 5 fp32 buffers + the bf16 head output
     assert plan.row("log-prob chunk, backward").bytes == 5 * 441 * 152064 * 4 + 441 * 152064 * 2

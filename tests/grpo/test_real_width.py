@@ -107,9 +107,9 @@ def worker(reuse: bool, out: Path) -> None:
               "images": [Image.new("RGB", (IMAGE_SIDE, IMAGE_SIDE), (200, 40, 90))],
               "messages": [{"role": "user", "content": [{"type": "image"},
                                                         {"type": "text", "text": "What colour is it?"}]}]}]
-    cfg = GRPOConfig(num_generations=G, prompts_per_step=1, micro_batch_size=G, max_steps=1,
+    cfg = GRPOConfig(num_generations=G, per_device_train_batch_size=G, max_steps=1,
                      max_completion_length=COMPLETION_TOKENS, beta=0.0, learning_rate=1e-6,
-                     output_dir=str(out.parent / f"run-{int(reuse)}"), progress_bar=False, seed=7,
+                     output_dir=str(out.parent / f"run-{int(reuse)}"), disable_tqdm=True, seed=7,
                      reuse_prompts=reuse)
     def build(config):
         torch.manual_seed(0)
@@ -124,7 +124,7 @@ def worker(reuse: bool, out: Path) -> None:
         return model.train()
 
     warm = GRPOTrainer(build(Qwen2_5_VLConfig(**warmup_config_dict())), [CharSum()], args=cfg, train_dataset=items,
-                       processor=proc)
+                       processing_class=proc)
     warm.training_step(0)
     del warm
     gc.collect()
@@ -138,7 +138,7 @@ def worker(reuse: bool, out: Path) -> None:
     build_s = time.perf_counter() - t0
     reset = _reset_peak()  # from here on VmHWM is the peak of the training step
 
-    trainer = GRPOTrainer(model, [CharSum()], args=cfg, train_dataset=items, processor=proc)
+    trainer = GRPOTrainer(model, [CharSum()], args=cfg, train_dataset=items, processing_class=proc)
     recorded = []
     forward = trainer.engine.forward
 
@@ -184,7 +184,7 @@ def planned(result: dict):
     model = ModelShape.from_config(reduced_config_dict())
     n_image = result["image_tokens"]
     setup = Setup(backend="torch", dtype="fp32", device="cpu", gpus=1, attn_implementation="sdpa", freeze=FREEZE,
-                  num_generations=G, prompts_per_step=1, micro_batch_size=G, max_completion_length=COMPLETION_TOKENS,
+                  num_generations=G, per_device_train_batch_size=G, max_completion_length=COMPLETION_TOKENS,
                   beta=0.0, reuse_prompts=result["reuse"], prompt_text_tokens=result["prompt_tokens"] - n_image,
                   images_per_prompt=1, image_tokens=n_image)
     return model, estimate(model, setup)

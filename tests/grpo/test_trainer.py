@@ -51,31 +51,36 @@ def test_grpo_learns_the_colour_letter_after_format_only_sft(tiny_ckpt, tmp_path
     items, model = colour_items(), tiny_model(tiny_ckpt)
     model.model.visual.requires_grad_(True)
     proc = tiny_model.processor
-    SFTTrainer(model, SFTConfig(batch_size=16, micro_batch_size=16, max_steps=30, learning_rate=3e-3,
-                                output_dir=str(tmp_path / "sft"), progress_bar=False), items, proc).train()
-    cfg = GRPOConfig(num_generations=8, prompts_per_step=4, micro_batch_size=32, max_steps=40, learning_rate=1e-3,
-                     max_completion_length=3, beta=0.0, output_dir=str(tmp_path / "grpo"), progress_bar=False)
-    history = GRPOTrainer(model, [ColourLetter()], args=cfg, train_dataset=items, processor=proc).train()
+    SFTTrainer(model, SFTConfig(per_device_train_batch_size=16, max_steps=30, learning_rate=3e-3,
+                                output_dir=str(tmp_path / "sft"), disable_tqdm=True), items, proc).train()
+    cfg = GRPOConfig(num_generations=8, per_device_train_batch_size=32, max_steps=40, learning_rate=1e-3,
+                     max_completion_length=3, beta=0.0, output_dir=str(tmp_path / "grpo"), disable_tqdm=True)
+    history = GRPOTrainer(model, [ColourLetter()], args=cfg, train_dataset=items, processing_class=proc).train()
     rewards = [h["reward/mean"] for h in history]
     first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
     assert 0.25 < first < 0.75          # SFT left it at chance on the colour
     assert last > 0.85 and last > first + 0.25
 
 
-def test_batch_not_divisible_by_micro_batch_names_the_fields():
-    with pytest.raises(ValueError, match="prompts_per_step \\* num_generations = 12 .* micro_batch_size=8"):
-        GRPOConfig(prompts_per_step=3, num_generations=4, micro_batch_size=8)
+def test_batch_not_divisible_into_groups_names_the_fields():
+    with pytest.raises(ValueError, match="per_device_train_batch_size \\* gradient_accumulation_steps = 3 \\* 2 = 6 .*"
+                                         "num_generations=4"):
+        GRPOConfig(per_device_train_batch_size=3, gradient_accumulation_steps=2, num_generations=4)
     with pytest.raises(ValueError, match="num_generations=1"):
-        GRPOConfig(num_generations=1, micro_batch_size=2, prompts_per_step=2)
+        GRPOConfig(num_generations=1, per_device_train_batch_size=2)
+    # TRL's layout: completions per step = per-device batch x accumulation; B = that / G
+    cfg = GRPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3, num_generations=6)
+    assert (cfg.completions_per_step, cfg.prompts_per_step) == (12, 2)
+    assert SFTConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3).batch_size == 12
 
 
 def test_resume_from_step_k_gives_the_same_next_losses(tiny_ckpt, tmp_path):
     """Real sampling (RNG restored from the checkpoint), 5 steps straight vs 2 + resume to 5."""
     def run(out, steps, resume=None, save_steps=0):
         cfg = make_config(str(out), max_steps=steps, save_steps=save_steps, beta=0.04,
-                          resume_from_checkpoint=resume, loss_aggregation="token_mean")
+                          resume_from_checkpoint=resume, loss_type="dapo")
         return GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                           processor=tiny_model.processor).train()
+                           processing_class=tiny_model.processor).train()
     straight = run(tmp_path / "a", 5)
     run(tmp_path / "b", 2, save_steps=2)
     resumed = run(tmp_path / "b", 5, resume="auto")
@@ -88,9 +93,9 @@ def test_resume_from_step_k_gives_the_same_next_losses(tiny_ckpt, tmp_path):
 
 
 def test_metrics_cover_rewards_lengths_kl_clipping_and_timings(tiny_ckpt, tmp_path):
-    cfg = make_config(str(tmp_path), max_steps=2, beta=0.04, num_iterations=2, log_completions=2)
+    cfg = make_config(str(tmp_path), max_steps=2, beta=0.04, num_iterations=2, log_completions=True, num_completions_to_print=2)
     GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                processor=tiny_model.processor).train()
+                processing_class=tiny_model.processor).train()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     expected = {"reward/mean", "reward/std", "reward/length/mean", "reward/length/std", "frac_zero_std_groups",
                 "completion/length_mean", "completion/length_min", "completion/length_max",
@@ -115,7 +120,7 @@ def test_mask_after_first_eos_and_truncation_flag():
 def test_masked_truncated_completions_leave_the_loss(tiny_ckpt, tmp_path):
     cfg = make_config(str(tmp_path), max_steps=1, mask_truncated_completions=True)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     batch = trainer.rollout(0)
     truncated = batch.completions.truncated
@@ -128,7 +133,7 @@ def test_masked_truncated_completions_leave_the_loss(tiny_ckpt, tmp_path):
 def test_image_placeholders_are_never_sampled(tiny_ckpt, tmp_path):
     cfg = make_config(str(tmp_path), max_steps=1, max_completion_length=16, temperature=5.0)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     ids = trainer.rollout(0).completions.ids
     assert not torch.isin(ids, torch.tensor(trainer.adapter.never_sample_ids)).any()
 
@@ -136,7 +141,7 @@ def test_image_placeholders_are_never_sampled(tiny_ckpt, tmp_path):
 def test_checkpoint_crash_mid_save_and_corruption_are_detected(tiny_ckpt, tmp_path):
     cfg = make_config(str(tmp_path), max_steps=2, save_steps=1, save_total_limit=3)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     trainer.train()
     assert latest_checkpoint(tmp_path).name == "checkpoint-2"
@@ -157,8 +162,8 @@ def test_sft_trains_only_on_assistant_tokens(tiny_ckpt, tmp_path):
     items = colour_items(8)
     for it in items:
         it["target"] = "<answer>" + it["answer"] + "</answer>"
-    trainer = SFTTrainer(tiny_model(tiny_ckpt), SFTConfig(batch_size=8, micro_batch_size=4, max_steps=25,
-                         learning_rate=3e-3, output_dir=str(tmp_path), progress_bar=False), items,
+    trainer = SFTTrainer(tiny_model(tiny_ckpt), SFTConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=25,
+                         learning_rate=3e-3, output_dir=str(tmp_path), disable_tqdm=True), items,
                          tiny_model.processor)
     ids, mask = trainer.encode_targets(items[:2])
     tok = trainer.adapter.tokenizer
@@ -201,7 +206,7 @@ def test_dynamic_sampling_drops_zero_std_groups_and_refills_the_batch(tiny_ckpt,
     flat = {"q0", "q1", "q2", "q3", "q4"}
     cfg = make_config(str(tmp_path), max_steps=1, dynamic_sampling=True, max_resample_rounds=4)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor(flat)], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = CountingSampler()
     seen_extra = []
     for round_idx in range(4):
@@ -227,7 +232,7 @@ def test_dynamic_sampling_drops_zero_std_groups_and_refills_the_batch(tiny_ckpt,
 def test_dynamic_sampling_gives_up_after_max_rounds_and_fills_with_zero_std_groups(tiny_ckpt, tmp_path):
     cfg = make_config(str(tmp_path), max_steps=1, dynamic_sampling=True, max_resample_rounds=2)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor({f"q{i}" for i in range(8)})], args=cfg,
-                          train_dataset=dataset(), processor=tiny_model.processor)
+                          train_dataset=dataset(), processing_class=tiny_model.processor)
     trainer.sampler = CountingSampler()
     m = trainer.rollout(0).metrics
     assert trainer.sampler.calls == 3
@@ -242,9 +247,9 @@ def test_resume_with_dynamic_sampling_gives_the_same_next_steps(tiny_ckpt, tmp_p
 
     def run(out, steps, resume=None, save_steps=0):
         cfg = make_config(str(out), max_steps=steps, save_steps=save_steps, resume_from_checkpoint=resume,
-                          dynamic_sampling=True, max_resample_rounds=3, loss_aggregation="token_mean")
+                          dynamic_sampling=True, max_resample_rounds=3, loss_type="dapo")
         return GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor(flat)], args=cfg, train_dataset=dataset(),
-                           processor=tiny_model.processor).train()
+                           processing_class=tiny_model.processor).train()
     straight = run(tmp_path / "a", 5)
     run(tmp_path / "b", 2, save_steps=2)
     resumed = run(tmp_path / "b", 5, resume="auto")
@@ -273,7 +278,7 @@ def test_dynamic_sampling_ranks_stay_in_step(tiny_ckpt, tmp_path):
     trainers = []
     for rank in range(world):
         t = GRPOTrainer(tiny_model(tiny_ckpt), [FlatFor(set())], args=cfg, train_dataset=dataset(),
-                        processor=tiny_model.processor)
+                        processing_class=tiny_model.processor)
         t.engine.world_size, t.engine.rank, t.engine.is_main = world, rank, rank == 0
         t.engine.all_reduce_sum = collective(rank, lambda xs: sum(xs))
         t.engine.all_gather_cat = collective(rank, lambda xs: torch.cat(xs))
@@ -314,7 +319,7 @@ def test_overlong_penalty_sees_completion_token_counts(tiny_ckpt, tmp_path):
     from rewards import OverlongPenalty
     cfg = make_config(str(tmp_path), max_steps=1, max_completion_length=8)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [OverlongPenalty(buffer=4), LengthReward()], args=cfg,
-                          train_dataset=dataset(), processor=tiny_model.processor)
+                          train_dataset=dataset(), processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     batch = trainer.rollout(0)
     lengths = batch.completions.lengths.tolist()
@@ -326,10 +331,10 @@ def test_overlong_penalty_sees_completion_token_counts(tiny_ckpt, tmp_path):
 
 
 def test_top_entropy_quantile_and_entropy_bonus(tiny_ckpt, tmp_path):
-    cfg = make_config(str(tmp_path), max_steps=1, micro_batch_size=8, top_entropy_quantile=0.5,
-                      entropy_coef=0.05, loss_aggregation="token_mean", entropy_top_k=5)
+    cfg = make_config(str(tmp_path), max_steps=1, per_device_train_batch_size=8, top_entropy_quantile=0.5,
+                      entropy_coef=0.05, loss_type="dapo", entropy_top_k=5)
     trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                          processor=tiny_model.processor)
+                          processing_class=tiny_model.processor)
     trainer.sampler = FixedSampler()
     batch = trainer.rollout(0)
     valid, pg = batch.loss_mask.bool(), batch.pg_mask
@@ -366,10 +371,10 @@ def test_normalize_then_sum_matches_gdpo_and_changes_the_advantage_shares(tiny_c
     from test_issue17_reference import ref_gdpo_advantages
     shares = {}
     for mode, scale in (("sum_then_normalize", "group"), ("normalize_then_sum", "batch")):
-        cfg = make_config(str(tmp_path / mode), max_steps=1, prompts_per_step=4, reward_aggregation=mode,
-                          advantage_scale=scale, reward_weights=(1.0, 0.2))
+        cfg = make_config(str(tmp_path / mode), max_steps=1, prompts_per_step=4, multi_objective_aggregation=mode,
+                          scale_rewards=scale, reward_weights=(1.0, 0.2))
         trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward(), HasLetterA()], args=cfg,
-                              train_dataset=dataset(), processor=tiny_model.processor)
+                              train_dataset=dataset(), processing_class=tiny_model.processor)
         trainer.sampler = FixedSampler()
         batch = trainer.rollout(0)
         shares[mode] = [batch.metrics["advantage_share/length"], batch.metrics["advantage_share/has_a"]]
@@ -385,3 +390,49 @@ def test_normalize_then_sum_matches_gdpo_and_changes_the_advantage_shares(tiny_c
     by_weight = 0.2 / 1.2
     assert abs(shares["normalize_then_sum"][1] - by_weight) < 0.02
     assert abs(shares["sum_then_normalize"][1] - by_weight) > 0.05
+
+
+def test_max_steps_minus_one_trains_num_train_epochs(tiny_ckpt, tmp_path):
+    """TRL's convention: max_steps=-1 means num_train_epochs passes over the prompts. 8 items,
+    B = 2 prompts per step: 4 data rounds per epoch; 1.5 epochs -> ceil(6) = 6 rounds, each used
+    num_iterations = 2 times -> 12 optimizer steps (and the LR schedule spans those 12)."""
+    cfg = make_config(str(tmp_path / "g"), max_steps=-1, num_train_epochs=1.5, num_iterations=2)
+    t = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(8),
+                    processing_class=tiny_model.processor)
+    assert t.args.max_steps == 12 and cfg.max_steps == -1
+    # SFT: 8 items, 4 examples per step (2 x 2): 2 steps per epoch; 2.25 epochs -> ceil(4.5) = 5
+    items = [{**it, "target": "<think>x</think><answer>A</answer>"} for it in dataset(8)]
+    s = SFTTrainer(tiny_model(tiny_ckpt), SFTConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                                    num_train_epochs=2.25, output_dir=str(tmp_path / "s")),
+                   items, tiny_model.processor)
+    assert s.args.max_steps == 5
+
+
+def test_bnpo_is_the_local_token_mean_averaged_over_micro_batches(tiny_ckpt, tmp_path):
+    """TRL's loss types on one process: with the whole step in one micro-batch "bnpo" (local
+    token mean) and "dapo" (global token mean) are the same loss; split into micro-batches of
+    unequal token counts, bnpo's logged loss is the mean of the per-micro-batch token means."""
+    losses = {}
+    for name, kw in {"dapo": dict(loss_type="dapo", per_device_train_batch_size=8),
+                     "bnpo": dict(loss_type="bnpo", per_device_train_batch_size=8),
+                     "bnpo_split": dict(loss_type="bnpo", per_device_train_batch_size=4),
+                     "dapo_split": dict(loss_type="dapo", per_device_train_batch_size=4)}.items():
+        torch.manual_seed(0)
+        cfg = make_config(str(tmp_path / name), max_steps=1, **kw)
+        t = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
+                        processing_class=tiny_model.processor)
+        t.sampler = FixedSampler()
+        batch = t.rollout(0)
+        losses[name] = (t.update(batch)["loss"], batch)
+    close = lambda a, b: abs(a - b) <= 1e-5 * max(1.0, abs(b))  # noqa: E731
+    assert close(losses["bnpo"][0], losses["dapo"][0])
+    assert close(losses["dapo_split"][0], losses["dapo"][0])     # global normaliser: split-invariant
+    batch = losses["bnpo_split"][1]
+    tokens = [float(batch.loss_mask[rows].sum()) for rows in ([0, 1, 2, 3], [4, 5, 6, 7])]
+    assert tokens[0] != tokens[1]
+    # at the first update the ratio is 1 and beta = 0: the per-token loss is -A at every token
+    adv = batch.advantages
+    per_micro = [float(-(adv[rows].unsqueeze(1) * batch.loss_mask[rows]).sum()) / n
+                 for rows, n in zip(([0, 1, 2, 3], [4, 5, 6, 7]), tokens)]
+    assert close(losses["bnpo_split"][0], sum(per_micro) / 2)
+    assert close(losses["dapo"][0], float(-(adv.unsqueeze(1) * batch.loss_mask).sum()) / sum(tokens))

@@ -122,12 +122,12 @@ def main(out: str, ckpt_path: str, judge_url: str, max_steps: int, ds_json: str)
     judge = PausingProcessReward(JudgeConfig(base_url=judge_url, cache_path=str(out_dir / "judge.sqlite"),
                                              max_retries=2, timeout=60.0))
     gate_judge(judge.client, out_dir)
-    cfg = GRPOConfig(num_generations=4, prompts_per_step=2, micro_batch_size=4, max_steps=max_steps,
-                     learning_rate=1e-2, max_completion_length=8, beta=0.04, output_dir=out, progress_bar=False,
-                     seed=7, save_steps=1, save_total_limit=2, log_completions=2, resume_from_checkpoint="auto",
+    cfg = GRPOConfig(num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=max_steps,
+                     learning_rate=1e-2, max_completion_length=8, beta=0.04, output_dir=out, disable_tqdm=True,
+                     seed=7, save_steps=1, save_total_limit=2, log_completions=True, num_completions_to_print=2, resume_from_checkpoint="auto",
                      deepspeed=ds_json)
     trainer = GRPOTrainer(ModelConfig(ckpt_path, freeze_vision=True), [LengthReward(), judge], args=cfg,
-                          train_dataset=dataset(), processor=load_processor(ckpt_path))
+                          train_dataset=dataset(), processing_class=load_processor(ckpt_path))
     engine = trainer.engine
     rollout, sampler, backward, step = trainer.rollout, trainer.sampler, engine.backward, engine.step
     save_model, write_manifest, prune, load = engine.save_model, ckpt.write_manifest, ckpt._prune, ckpt.load_checkpoint

@@ -60,13 +60,13 @@ def main(out: str, ckpt_path: str, judge_url: str, max_steps: int) -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"))  # DEBUG: every library's log
     judge = PausingProcessReward(JudgeConfig(base_url=judge_url, cache_path=str(Path(out) / "judge.sqlite"),
                                              max_retries=2, timeout=30.0))
-    cfg = GRPOConfig(num_generations=4, prompts_per_step=2, micro_batch_size=4, max_steps=max_steps,
+    cfg = GRPOConfig(num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=max_steps,
                      learning_rate=1e-2, max_completion_length=8, beta=0.04, output_dir=out,
-                     progress_bar=False, seed=7, save_steps=1, save_total_limit=2, log_completions=2,
+                     disable_tqdm=True, seed=7, save_steps=1, save_total_limit=2, log_completions=True, num_completions_to_print=2,
                      resume_from_checkpoint="auto")
     model = load_policy(ModelConfig(ckpt_path, freeze_vision=True))
     trainer = GRPOTrainer(model, [LengthReward(), judge], args=cfg, train_dataset=dataset(),
-                          processor=load_processor(ckpt_path))
+                          processing_class=load_processor(ckpt_path))
     rollout, sampler = trainer.rollout, trainer.sampler
 
     def tracked_rollout(round_idx):

@@ -14,7 +14,7 @@ from grpo import GRPOTrainer  # noqa: E402
 
 out, ckpt = sys.argv[1], sys.argv[2]
 cfg = make_config(out, max_steps=3, deepspeed=write_ds_config(out))
-t = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=dataset(), processor=tiny_model.processor)
+t = GRPOTrainer(tiny_model(ckpt), [LengthReward()], args=cfg, train_dataset=dataset(), processing_class=tiny_model.processor)
 t.sampler = FixedSampler()
 rollout = t.rollout
 

@@ -49,7 +49,7 @@ os.makedirs(ds_dir, exist_ok=True)
 write_ds_config(ds_dir)
 cfg = make_config(out, max_steps=3, save_steps=1, deepspeed=os.path.join(ds_dir, "ds_zero2.json"))
 trainer = GRPOTrainer(tiny_model(ckpt), [LengthReward(), FlakyReward()], args=cfg, train_dataset=dataset(),
-                      processor=tiny_model.processor)
+                      processing_class=tiny_model.processor)
 rank = trainer.engine.rank
 rollout, sampler, update = trainer.rollout, trainer.sampler, trainer.update
 

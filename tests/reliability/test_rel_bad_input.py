@@ -16,20 +16,26 @@ from grpo.config import SFTConfig
 BAD_CONFIGS = [
     (dict(max_steps="10"), r"max_steps='10': expected an integer"),
     (dict(learning_rate="1e-6"), r"learning_rate='1e-6': expected a number"),
-    (dict(progress_bar="yes"), r"progress_bar='yes': expected true or false"),
+    (dict(disable_tqdm="yes"), r"disable_tqdm='yes': expected true or false"),
     (dict(beta=-0.1), r"beta=-0.1: must be >= 0"),
-    (dict(epsilon_low=1.2), r"epsilon_low=1.2: must be in \[0, 1\)"),
+    (dict(epsilon=1.2), r"epsilon=1.2: must be in \[0, 1\)"),
     (dict(epsilon_high=-0.2), r"epsilon_high=-0.2: must be >= 0"),
-    (dict(dual_clip=0.5), r"dual_clip=0.5: must be > 1"),
-    (dict(num_generations=1, micro_batch_size=2), r"num_generations=1: GRPO needs at least 2"),
-    (dict(prompts_per_step=3, num_generations=4, micro_batch_size=8),
-     r"prompts_per_step \* num_generations = 12 is not a multiple of micro_batch_size=8"),
-    (dict(generation_batch_size=3), r"generation_batch_size=3: must divide prompts_per_step \* num_generations = 8"),
+    (dict(delta=0.5), r"delta=0.5: must be > 1"),
+    (dict(num_generations=1, per_device_train_batch_size=2), r"num_generations=1: GRPO needs at least 2"),
+    (dict(per_device_train_batch_size=6, gradient_accumulation_steps=1, num_generations=4),
+     r"per_device_train_batch_size \* gradient_accumulation_steps = 6 \* 1 = 6 completions per step is not a "
+     r"multiple of num_generations=4: .* set gradient_accumulation_steps to 2"),
+    (dict(generation_chunk_size=3), r"generation_chunk_size=3: must divide the 8 completions per step"),
+    (dict(max_steps=0), r"max_steps=0: must be >= 1, or -1 to train num_train_epochs epochs"),
+    (dict(num_train_epochs=0.0), r"num_train_epochs=0.0: must be > 0"),
+    (dict(scale_rewards="groups"), r"scale_rewards='groups': choose one of group, batch, none"),
+    (dict(loss_type="ppo"), r"loss_type='ppo': choose one of grpo, bnpo, dapo, dr_grpo"),
+    (dict(num_completions_to_print=0), r"num_completions_to_print=0: must be >= 1, or None"),
     (dict(temperature=0.0), r"temperature=0.0: must be > 0"),
     (dict(top_p=0.0), r"top_p=0.0: must be in \(0, 1\]"),
     (dict(max_grad_norm=float("nan")), r"max_grad_norm=nan: must be finite"),
     (dict(kl_estimator="k4"), r"kl_estimator='k4': choose one of k1, k2, k3"),
-    (dict(adam_betas=(0.9,)), r"adam_betas=\(0.9,\): expected two numbers in \[0, 1\)"),
+    (dict(adam_beta2=1.0), r"adam_beta1=0.9, adam_beta2=1.0, adam_epsilon=1e-08: need betas in \[0, 1\)"),
     (dict(reward_weights=(1.0, float("inf"))), r"reward_weights=\(1.0, inf\): expected a tuple of finite numbers"),
     (dict(max_abstain_rate=1.5), r"max_abstain_rate=1.5: must be in \[0, 1\)"),
     (dict(abstain_window=0), r"abstain_window=0: must be >= 1"),
@@ -39,15 +45,15 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("changes, message", BAD_CONFIGS, ids=[next(iter(c)) for c, _ in BAD_CONFIGS])
 def test_bad_config_fails_at_start_up_naming_the_field(changes, message):
-    base = dict(num_generations=4, prompts_per_step=2, micro_batch_size=4)
+    base = dict(num_generations=4, per_device_train_batch_size=4, gradient_accumulation_steps=2)
     with pytest.raises(ValueError, match=message):
         GRPOConfig(**{**base, **changes})
 
 
 def test_every_problem_is_reported_at_once_and_unknown_fields_are_named(tmp_path):
     with pytest.raises(ValueError) as info:
-        GRPOConfig(beta=-1.0, epsilon_low=2.0, micro_batch_size=4)
-    assert "beta=-1.0" in str(info.value) and "epsilon_low=2.0" in str(info.value)
+        GRPOConfig(beta=-1.0, epsilon=2.0, per_device_train_batch_size=4)
+    assert "beta=-1.0" in str(info.value) and "epsilon=2.0" in str(info.value)
     with pytest.raises(TypeError, match="learning_rat"):
         GRPOConfig(learning_rat=1e-6)
     broken = tmp_path / "zero3.json"
@@ -59,7 +65,7 @@ def test_every_problem_is_reported_at_once_and_unknown_fields_are_named(tmp_path
 def trained(tiny_ckpt, out, **kw):
     cfg = make_config(str(out), save_steps=1, save_total_limit=None, **kw)
     t = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], args=cfg, train_dataset=dataset(),
-                    processor=tiny_model.processor)
+                    processing_class=tiny_model.processor)
     t.sampler = FixedSampler()
     return t
 

@@ -23,8 +23,8 @@ def trainer(tiny_ckpt, out, resume=None):
     items = colour_items(8)
     for it in items:
         it["target"] = "<answer>" + it["answer"] + "</answer>"
-    cfg = SFTConfig(batch_size=4, micro_batch_size=4, max_steps=STEPS, learning_rate=1e-3, save_steps=1,
-                    save_total_limit=None, output_dir=str(out), progress_bar=False, resume_from_checkpoint=resume)
+    cfg = SFTConfig(per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-3, save_steps=1,
+                    save_total_limit=None, output_dir=str(out), disable_tqdm=True, resume_from_checkpoint=resume)
     return SFTTrainer(tiny_model(tiny_ckpt), cfg, items, tiny_model.processor)
 
 

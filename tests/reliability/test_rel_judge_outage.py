@@ -47,7 +47,7 @@ def scripted_items(faults_of):
 def train(tiny_ckpt, out, judge_cfg, items=None, steps=2, **kw):
     cfg = make_config(str(out), max_steps=steps, **kw)
     t = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward(), ProcessReward(judge_cfg)], args=cfg,
-                    train_dataset=items or dataset(4), processor=tiny_model.processor)
+                    train_dataset=items or dataset(4), processing_class=tiny_model.processor)
     t.sampler = FixedSampler()
     return t
 

@@ -52,7 +52,7 @@ def run(tiny_ckpt, out, url, steps, resume=False, sampler=None, items=None, judg
     judge = ProcessReward(JudgeConfig(base_url=url, cache_path=str(Path(out) / "judge.sqlite"), **(judge_cfg or {})))
     cfg = make_config(str(out), max_steps=steps, resume_from_checkpoint="auto" if resume else None, **kw)
     t = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward(), judge], args=cfg, train_dataset=items or dataset(),
-                    processor=tiny_model.processor)
+                    processing_class=tiny_model.processor)
     t.sampler = sampler or FixedSampler()
     return t
 

@@ -32,7 +32,7 @@ class Constant(Reward):
 def trainer_for(tiny_ckpt, out, rewards=None, **kw):
     cfg = make_config(str(out), **kw)
     t = GRPOTrainer(tiny_model(tiny_ckpt), rewards or [LengthReward()], args=cfg, train_dataset=dataset(),
-                    processor=tiny_model.processor)
+                    processing_class=tiny_model.processor)
     t.sampler = FixedSampler()
     return t
 
@@ -144,7 +144,7 @@ class EmptyAndPaddingRows:
 
 
 def test_empty_completion_and_padding_only_row_are_well_defined(tiny_ckpt, tmp_path):
-    t = trainer_for(tiny_ckpt, tmp_path, max_steps=1, loss_aggregation="seq_mean_token_mean")
+    t = trainer_for(tiny_ckpt, tmp_path, max_steps=1, loss_type="grpo")
     t.sampler = EmptyAndPaddingRows()
     batch = t.rollout(0)
     assert t.adapter.decode(batch.completions.ids[:1], batch.completions.mask[:1]) == [""]

@@ -35,7 +35,7 @@ Usage = namedtuple("Usage", "total used free")
 def trainer(tiny_ckpt, out, rewards=None, items=None, **kw):
     cfg = make_config(str(out), max_steps=kw.pop("max_steps", 1), **kw)
     t = GRPOTrainer(tiny_model(tiny_ckpt), rewards or [LengthReward()], args=cfg,
-                    train_dataset=items or dataset(4), processor=tiny_model.processor)
+                    train_dataset=items or dataset(4), processing_class=tiny_model.processor)
     t.sampler = CountingSampler()
     return t
 
@@ -150,8 +150,8 @@ def test_sft_checks_the_output_folder(tiny_ckpt, tmp_path, monkeypatch):
     items = dataset(4)
     for it in items:
         it["target"] = "<answer>A</answer>"
-    t = SFTTrainer(tiny_model(tiny_ckpt), SFTConfig(batch_size=4, micro_batch_size=4, max_steps=1, output_dir=str(tmp_path),
-                                                    progress_bar=False), items, tiny_model.processor)
+    t = SFTTrainer(tiny_model(tiny_ckpt), SFTConfig(per_device_train_batch_size=4, max_steps=1, output_dir=str(tmp_path),
+                                                    disable_tqdm=True), items, tiny_model.processor)
     steps = []
     step = t.training_step
     t.training_step = lambda k: steps.append(k) or step(k)
