@@ -127,16 +127,11 @@ def forced_length_ids(adapter) -> list[int]:
     return sorted(set(adapter.never_sample_ids) | set(adapter.eos_token_ids))
 
 
-def median_report(times: list[float], cfg: dict, **extra) -> dict:
-    return {"config": cfg, "step_s": statistics.median(times), "steps_s": times,
-            "peak_rss_mb": peak_rss_mb(), **extra, "versions": versions()}
-
-
-# ------------------------------------------------------------------ workers
-def worker_ours(cfg: dict) -> dict:
-    torch = setup_torch()
-    from grpo import GRPOConfig, GRPOTrainer
-    from models import ModelConfig, QwenVLAdapter, load_policy
+def our_bench_parts():
+    """``(LengthReward, ForcedLength)``: the reward and the adapter every benchmark of our trainer
+    uses (``length_reward_value``; completions of exactly ``tokens`` tokens, ``forced_length_ids``).
+    Built on first call, so this module imports without the library."""
+    from models import QwenVLAdapter
     from rewards import Reward
 
     class LengthReward(Reward):
@@ -149,6 +144,22 @@ def worker_ours(cfg: dict) -> dict:
         def __init__(self, proc):
             super().__init__(proc)
             self.never_sample_ids = forced_length_ids(self)
+
+    return LengthReward, ForcedLength
+
+
+def median_report(times: list[float], cfg: dict, **extra) -> dict:
+    return {"config": cfg, "step_s": statistics.median(times), "steps_s": times,
+            "peak_rss_mb": peak_rss_mb(), **extra, "versions": versions()}
+
+
+# ------------------------------------------------------------------ workers
+def worker_ours(cfg: dict) -> dict:
+    torch = setup_torch()
+    from grpo import GRPOConfig, GRPOTrainer
+    from models import ModelConfig, load_policy
+
+    LengthReward, ForcedLength = our_bench_parts()
 
     path = ensure_model(cfg.get("model"))
     proc = processor(path, cfg)

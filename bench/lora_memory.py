@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from harness import ROOT, bench_parser, forced_length_ids, images, peak_rss_mb, question, versions, write
+from harness import ROOT, our_bench_parts, bench_parser, images, peak_rss_mb, question, versions, write
 
 SMALL = dict(text_hidden=896, text_heads=14, text_kv_heads=2, text_intermediate=4864)
 
@@ -57,19 +57,9 @@ def worker(cfg: dict) -> dict:
     import torch
     torch.set_num_threads(1)
     from grpo import GRPOConfig, GRPOTrainer
-    from models import ModelConfig, QwenVLAdapter, load_policy, load_processor
-    from rewards import Reward
+    from models import ModelConfig, load_policy, load_processor
 
-    class LengthReward(Reward):
-        name = "length"
-
-        def score(self, sample):
-            return (len(sample.completion) % 7) / 6
-
-    class ForcedLength(QwenVLAdapter):
-        def __init__(self, proc):
-            super().__init__(proc)
-            self.never_sample_ids = forced_length_ids(self)
+    LengthReward, ForcedLength = our_bench_parts()
 
     path = cfg["model"]
     proc = load_processor(path)

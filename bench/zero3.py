@@ -46,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (ROOT, bench_parser, ensure_model, forced_length_ids, images, length_reward_value, peak_rss_mb,
+from harness import (ROOT, our_bench_parts, bench_parser, ensure_model, forced_length_ids, images, length_reward_value, peak_rss_mb,
                      processor, question, versions, write)
 
 CONFIGS = {"zero3": ROOT / "examples" / "configs" / "zero3.json",
@@ -280,19 +280,9 @@ def worker_trl(config: str, cfg: dict, out: str) -> None:
 def worker_ours(config: str, cfg: dict, out: str) -> None:
     torch, rank, world = _rank_setup()
     from grpo import GRPOConfig, GRPOTrainer
-    from models import ModelConfig, QwenVLAdapter, load_policy
-    from rewards import Reward
+    from models import ModelConfig, load_policy
 
-    class LengthReward(Reward):
-        name = "length"
-
-        def score(self, sample):
-            return length_reward_value(sample.completion)
-
-    class ForcedLength(QwenVLAdapter):
-        def __init__(self, proc):
-            super().__init__(proc)
-            self.never_sample_ids = forced_length_ids(self)
+    LengthReward, ForcedLength = our_bench_parts()
 
     proc = processor(cfg["model"], cfg)
     torch.manual_seed(cfg["seed"])

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, bench_parser, ensure_model, forced_length_ids, images, processor, question, versions, write
+from harness import ROOT, our_bench_parts, bench_parser, ensure_model, images, processor, question, versions, write
 
 VARIANTS = ("before", "after")
 DS_CONFIG = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
@@ -91,22 +91,12 @@ def worker(variant: str, cfg: dict, out: str) -> None:
 
     from grpo import GRPOConfig, GRPOTrainer
     from grpo.engine import DeepSpeedEngine
-    from models import ModelConfig, QwenVLAdapter, load_policy
-    from rewards import Reward
+    from models import ModelConfig, load_policy
 
     if variant == "before":
         DeepSpeedEngine.generation_model = generation_model_before_issue15
 
-    class LengthReward(Reward):
-        name = "length"
-
-        def score(self, sample):
-            return (len(sample.completion) % 7) / 6
-
-    class ForcedLength(QwenVLAdapter):
-        def __init__(self, proc):
-            super().__init__(proc)
-            self.never_sample_ids = forced_length_ids(self)
+    LengthReward, ForcedLength = our_bench_parts()
 
     rank = int(os.environ["RANK"])
     proc = processor(cfg["model"], cfg)

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (ROOT, bench_parser, ensure_model, forced_length_ids, images, length_reward_value, peak_rss_mb,
+from harness import (ROOT, our_bench_parts, bench_parser, ensure_model, images, peak_rss_mb,
                      processor, question, versions, write)
 
 TARGET = 0.5
@@ -88,8 +88,7 @@ def worker(cfg: dict, out: str) -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
     torch.set_num_threads(1)
     from grpo import GRPOConfig, GRPOTrainer
-    from models import ModelConfig, QwenVLAdapter, forward, load_policy
-    from rewards import Reward
+    from models import ModelConfig, forward, load_policy
 
     if cfg["variant"] == "before":  # the log-prob passes as before this change: per-row under ZeRO-3 / checkpointing
         forward.can_share_prefix = can_share_prefix_before
@@ -101,16 +100,7 @@ def worker(cfg: dict, out: str) -> None:
         return shared_prefix_hidden(*a, **kw)
     forward.shared_prefix_hidden = counted
 
-    class LengthReward(Reward):
-        name = "length"
-
-        def score(self, sample):
-            return length_reward_value(sample.completion)
-
-    class ForcedLength(QwenVLAdapter):
-        def __init__(self, proc):
-            super().__init__(proc)
-            self.never_sample_ids = forced_length_ids(self)
+    LengthReward, ForcedLength = our_bench_parts()
 
     rank = int(os.environ["RANK"])
     proc = processor(cfg["model"], cfg)
