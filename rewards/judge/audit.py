@@ -21,6 +21,8 @@ kind                      reasoning                                             
 ``copied_criteria``       the criteria of another record (one sharing none of this     <= 0.3
                           record's criteria), then this record's answer
 ``empty_reasoning``       only "So the answer is X."                                   <= 0.3
+``restated_option``       only the answer restated with its option's text: "So the     <= 0.3
+                          answer is X, <text of option X>." (multiple choice only)
 ``wrong_value``           every checkable criterion with an alternative value          <= 0.3
                           ("nuclear size is large, not small"); free-text ones negated
 ``both_values``           every checkable criterion with both values ("small and       <= 0.3
@@ -54,8 +56,8 @@ from rewards.text import normalize
 LETTERS = string.ascii_uppercase
 ADVERSARIAL_MAX = 0.3
 CORRECT_MIN = 0.9
-KINDS = ("correct", "word_soup", "copied_criteria", "empty_reasoning", "wrong_value", "both_values",
-         "answer_only")
+KINDS = ("correct", "word_soup", "copied_criteria", "empty_reasoning", "restated_option", "wrong_value",
+         "both_values", "answer_only")
 RECORD_FIELDS = ("id", "images", "image", "question", "answer", "options", "modality", "source", "split",
                  "criteria", "extra")
 EPS = 1e-9
@@ -220,6 +222,9 @@ def build_chains(records: list[AuditRecord]) -> list[tuple[int, str, str]]:
                  "word_soup": _complete(r, [_soup(r)]),
                  "empty_reasoning": _complete(r, []),
                  "answer_only": f"<answer>{r.choice}</answer>"}
+        if r.options:
+            restated = f"So the answer is {r.choice}, {r.options[LETTERS.index(r.choice)].strip().rstrip('.')}."
+            kinds["restated_option"] = chain_text([], restated, r.choice)
         source = _copy_source(records, i)
         if source is not None:
             kinds["copied_criteria"] = _complete(r, source.criteria)

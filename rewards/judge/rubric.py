@@ -56,6 +56,14 @@ sentence is ignored, and so is text naming several options. Yes/no questions tak
 after the cue; open questions the answer tag's text. The step is satisfied when the choices
 concluded are exactly the ``<answer>`` tag's single choice.
 
+**A restated option is not a chain.** In a sentence with a conclusion cue, the text of an
+option standing after the cue is the conclusion restated ("so the answer is A, small nuclei").
+It may complete a chain that states evidence of its own ("... two points, so the tile is
+intermediate grade"), but when the reasoning without it states nothing checkable correctly, the
+criteria are read without it: "so the answer is A, small nuclei" alone scores like "so the answer
+is A". A claim in the conclusion sentence ("so the answer is A because the nuclei are small")
+is evidence, not a restatement.
+
 **Knowledge errors** also include: the final answer is wrong against the reference (by
 :class:`rewards.AccuracyReward`; a missing or empty answer block is a format problem, not an
 error); the reasoning concludes a choice other than the ``<answer>`` tag's (or, without a
@@ -392,6 +400,32 @@ def _generic_steps(reasoning: str) -> list[str]:
 
 # --- conclusion ------------------------------------------------------------------------------
 
+def evidence_text(reasoning: str, options: list[str] | None) -> str:
+    """``reasoning`` with every option's text removed from the part of each sentence that follows
+    a conclusion cue (the chosen option restated is the conclusion, not evidence for it)."""
+    if not options:
+        return reasoning
+    phrases = sorted((words(o) for o in options if words(o)), key=len, reverse=True)  # longest first
+    out = []
+    for sentence in re.split(r"(?<=[.!?;\n])", reasoning):
+        cue = _CUE_RE.search(sentence)
+        if cue is None:
+            out.append(sentence)
+            continue
+        tokens = words(sentence[cue.start():])
+        for phrase in phrases:
+            n, i, kept = len(phrase), 0, []
+            while i < len(tokens):
+                if tokens[i:i + n] == phrase:
+                    i += n
+                else:
+                    kept.append(tokens[i])
+                    i += 1
+            tokens = kept
+        out.append(sentence[:cue.start()] + " ".join(tokens) + ". ")
+    return "".join(out)
+
+
 def _kind(reference: str, options: list[str] | None) -> str:
     """The answer kind, as :class:`rewards.AccuracyReward` decides it."""
     if options:
@@ -442,15 +476,11 @@ def _tail_claims(tail: str, options: list[str] | None, kind: str, tag: str | Non
 
 # --- grading ---------------------------------------------------------------------------------
 
-def grade(question: str, options: list[str] | None, reference: str, criteria: list[str],
-          completion: str) -> dict:
-    """``{"integrity", "knowledge", "rationale"}`` for one completion (see module docstring)."""
-    reasoning = reasoning_text(completion)
+def _read_criteria(criteria: list[str], reasoning: str) -> tuple[list[str], list[str], bool]:
+    """(missing steps, errors, whether anything checkable is stated correctly) for the criteria."""
     missing: list[str] = []
     errors: list[str] = []
     substantive = False
-
-    criteria = [c for c in criteria if key_terms(c)]
     matchers = [_Matcher.build(c) for c in criteria]
     checkable = [m for m in matchers if m is not None]
     for m, f in zip(checkable, _read_checkables(checkable, reasoning)):
@@ -459,7 +489,6 @@ def grade(question: str, options: list[str] | None, reference: str, criteria: li
         if not ok:
             missing.append(f"'{m.criterion}' ({why})")
         errors += [f"'{m.check.subject}' {note}" for note in notes]
-
     reasoning_stems = _stems(words(reasoning))
     for c, m in zip(criteria, matchers):
         if m is not None:
@@ -472,6 +501,20 @@ def grade(question: str, options: list[str] | None, reference: str, criteria: li
             substantive = True
         else:
             missing.append(f"'{c}'")
+    return missing, errors, substantive
+
+
+def grade(question: str, options: list[str] | None, reference: str, criteria: list[str],
+          completion: str) -> dict:
+    """``{"integrity", "knowledge", "rationale"}`` for one completion (see module docstring)."""
+    reasoning = reasoning_text(completion)
+    criteria = [c for c in criteria if key_terms(c)]
+    missing, errors, substantive = _read_criteria(criteria, reasoning)
+    evidence = evidence_text(reasoning, options)
+    if evidence != reasoning:  # the chosen option restated may complete a chain, never be all of it
+        alone = _read_criteria(criteria, evidence)
+        if not alone[2]:
+            missing, errors, substantive = alone
     if not criteria:
         present = _generic_steps(reasoning)
         missing += [step for step in _GENERIC_STEPS if step not in present]
