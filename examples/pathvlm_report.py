@@ -201,7 +201,9 @@ td.ok{{background:#eefbea}} td.bad{{background:#fdeeee}} ul{{padding-left:16px;m
 
 
 def write_report(out: Path, results: dict, parts: dict, profile: dict, process: dict | None = None,
-                 validation: bool = False) -> Path:
+                 validation: bool = False, same_weights: dict | None = None) -> Path:
+    """``same_weights``: {variant: earlier variant} whose weights are equal bit for bit (its
+    evaluation was reused, and the report says so)."""
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     plot_accuracy(results, folder / "accuracy_by_stage.png")
@@ -214,6 +216,9 @@ def write_report(out: Path, results: dict, parts: dict, profile: dict, process: 
                  + (f", a tiny Qwen2.5-VL pretrained on {base['items']} captioned tiles for {base['steps']} steps "
                     f"(a stream no split draws from; built in {base['seconds']} s, cached)" if base.get("steps") else "")
                  + ".")
+    same = "".join(f"- {NAMES.get(v, v)}: its weights are {NAMES.get(u, u)}'s, bit for bit (the stage "
+                   f"changed no weight), so its evaluation is {u}'s, reused.\n"
+                   for v, u in (same_weights or {}).items())
     split_name = ("the VALIDATION slice (--validate: the last part of the SFT and RL splits, held out from "
                   "training)" if validation else "the held-out test split")
     text = f"""# PathVLM-R1 reproduction report
@@ -229,7 +234,7 @@ Layout as in the paper's Table 2; variants as in its Figure 3. {base_line}
 - *Process score*: the judge (integrity + knowledge) / 2 on the variant's own test completions.
 - Hyper-parameters were chosen on a validation slice carved out of the SFT and RL splits
   (`--validate`), never on the test split.
-
+{same}
 {table(results, process)}
 
 ## What a model that does not read the images would score

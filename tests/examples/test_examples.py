@@ -85,6 +85,27 @@ def test_profile_fields_are_the_configs_field_names():
     assert p.config_fields(p.PAPER, SFTConfig, prefix="sft_")["learning_rate"] == 1e-5
 
 
+def test_same_weights_finds_a_bitwise_copy_and_nothing_else(tmp_path):
+    """The pipeline reuses a variant's evaluation only for a checkpoint equal to it bit for bit: a
+    copy is found, a checkpoint differing in one byte (same size) or in size is not."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import pathvlm_r1 as p
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    payload = bytes(range(256)) * 64
+    for name, body in (("a", payload), ("b", payload), ("c", payload[:-1] + b"\x00"), ("d", payload + b"x")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(body)
+        (tmp_path / name / "config.json").write_text(name)   # not a weight file: ignored
+    earlier = {"base": tmp_path / "a"}
+    assert p.same_weights(tmp_path / "b", earlier) == "base"
+    assert p.same_weights(tmp_path / "c", earlier) is None
+    assert p.same_weights(tmp_path / "d", earlier) is None
+    assert p.same_weights(tmp_path / "b", {"alpha": tmp_path / "c", "base": tmp_path / "a"}) == "base"
+    assert p.weights_fingerprint(tmp_path / "a") != p.weights_fingerprint(tmp_path / "c")
+
+
 def test_recipe_comparison_runs_every_recipe_on_the_same_alpha(tmp_path):
     """examples/recipe_comparison.py on the quick profile: each recipe trains the same number of
     steps from the same Alpha; DAPO's dynamic sampling generates extra rounds, the others exactly

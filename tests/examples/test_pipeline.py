@@ -12,6 +12,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "pathvlm_r1.py"
 pytestmark = [pytest.mark.slow, pytest.mark.server]
+_STAGES = ("alpha", "beta", "r1", "gamma", "delta", "epsilon")
 
 
 def _run(*args, cache):
@@ -45,6 +46,20 @@ def test_every_stage_and_variant_is_trained_and_evaluated(quick_run):
         for split in result.values():
             assert 0.0 <= split["accuracy"] <= 1.0
             assert split["accuracy"] == sum(p["correct"] for p in split["predictions"]) / split["n"]
+    # an evaluation is reused exactly where a variant's weights equal an earlier one's (compared
+    # here tensor by tensor, not by the pipeline's file hash)
+    from safetensors.torch import load_file
+    import torch
+    tensors = {v: load_file(str(out / "models" / v / "model.safetensors")) for v in _STAGES}
+    tensors["base"] = load_file(str(Path(json.loads((out / "base.json").read_text())["path"]) / "model.safetensors"))
+    order = ("base",) + _STAGES
+    for i, v in enumerate(order):
+        twins = [u for u in order[:i] if tensors[u].keys() == tensors[v].keys()
+                 and all(torch.equal(tensors[u][k], tensors[v][k]) for k in tensors[v])]
+        reused = f"eval {v}: weights identical to" in first.stdout
+        assert reused == bool(twins), (v, twins)
+        if twins:
+            assert (out / "eval" / f"{v}.json").read_text() == (out / "eval" / f"{twins[0]}.json").read_text()
     # the process-reward stage talked to the judge and logged its reward
     rows = [json.loads(x) for x in (out / "stages" / "r1" / "metrics.jsonl").read_text().splitlines()]
     assert all("reward/process/mean" in r and "judge/requests" in r for r in rows)
