@@ -106,7 +106,9 @@ def _failed_at(text: str) -> float:
 
 
 def _rank_pids(text: str) -> list[int]:
-    return [int(p) for p in re.findall(r"^READY rank=\d pid=(\d+)", text, re.M)]
+    # not anchored at a line start: the ranks share the launcher's stdout, and two READY lines
+    # written at the same moment can end up on one line ("READY rank=0 pid=5READY rank=1 pid=6")
+    return sorted({int(pid) for pid in re.findall(r"READY rank=\d pid=(\d+)", text)})
 
 
 def _alive(pid: int) -> bool:
