@@ -80,6 +80,22 @@ def reliance_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def agreement_table(results: dict) -> str:
+    """Per variant: the share of its single-option test answers whose reasoning concludes the same
+    option (``EvalResult.reasoning_agreement``), overall and per difficulty."""
+    levels = sorted({d for res in results.values() for d in (res["test"].reasoning_agreement or {}).get("by_difficulty", {})})
+    lines = ["| Variant | overall | " + " | ".join(levels) + " |", "|---|---:|" + "---:|" * len(levels)]
+    for variant, res in results.items():
+        agree = res["test"].reasoning_agreement or {}
+        if not agree:
+            lines.append(f"| {NAMES.get(variant, variant)} | — |" + " — |" * len(levels))
+            continue
+        by = agree["by_difficulty"]
+        lines.append(f"| {NAMES.get(variant, variant)} | {100 * agree['overall']:.1f} (n={agree['n']}) | "
+                     + " | ".join(f"{100 * by[d]:.1f}" if d in by else "—" for d in levels) + " |")
+    return "\n".join(lines)
+
+
 def chance_row(results: dict) -> str:
     first = next(iter(results.values()))["test"]
     levels = sorted(first.baselines.get("by_difficulty", {}))
@@ -251,6 +267,14 @@ Per difficulty (test): {chance_row(results)}.
 
 {reliance_table(results)}
 
+## Does the answer follow from the reasoning?
+
+Share (%) of each variant's test answers naming one option whose reasoning concludes that same
+option ("So the answer is B."). An outcome reward pays for the `<answer>` tag alone, so it can
+keep accuracy while the chain stops leading to the answer; the process reward pays for both.
+
+{agreement_table(results)}
+
 ## Plots
 
 - `accuracy_by_stage.png`: in-domain and mean out-of-domain accuracy of every variant.
@@ -294,8 +318,8 @@ def write_seed_summary(out: Path, runs: dict) -> Path:
     process = {seed: {v: json.loads(f.read_text()) for v in variants
                       if (f := out / f"seed-{seed}" / "eval" / f"{v}.process.json").is_file()} for seed in runs}
     lines = ["| Variant | In-domain | " + " | ".join(levels) + " | Grey images | Visual reliance (easy) | "
-             "Process score | OOD mean | OOD change vs Alpha | In-domain change vs Alpha |",
-             "|---|" + "---:|" * (len(levels) + 7)]
+             "Process score | Reasoning → answer | OOD mean | OOD change vs Alpha | In-domain change vs Alpha |",
+             "|---|" + "---:|" * (len(levels) + 8)]
     summary = {}
     for v in variants:
         seeds = [seed for seed, res in runs.items() if v in res]
@@ -306,16 +330,17 @@ def write_seed_summary(out: Path, runs: dict) -> Path:
         easy = [100 * test[s].visual_reliance["by_difficulty"].get("easy", float("nan")) for s in seeds
                 if "by_difficulty" in (test[s].visual_reliance or {})]
         proc = [process[s][v]["mean"] for s in seeds if v in process[s] and process[s][v]["mean"] is not None]
+        agree = [100 * test[s].reasoning_agreement["overall"] for s in seeds if test[s].reasoning_agreement]
         ood = [100 * (_ood_mean(runs[s][v]) or 0) for s in seeds]
         paired = [s for s in seeds if "alpha" in runs[s]]
         d_ood = [100 * ((_ood_mean(runs[s][v]) or 0) - (_ood_mean(runs[s]["alpha"]) or 0)) for s in paired]
         d_ind = [100 * (test[s].accuracy - runs[s]["alpha"]["test"].accuracy) for s in paired]
         summary[v] = {"in_domain": ind, "by_difficulty": by, "grey": grey, "visual_reliance_easy": easy,
-                      "process": proc, "ood": ood, "ood_change_vs_alpha": d_ood, "in_domain_change_vs_alpha": d_ind,
+                      "process": proc, "reasoning_agreement": agree, "ood": ood, "ood_change_vs_alpha": d_ood, "in_domain_change_vs_alpha": d_ind,
                       "seeds": seeds}
         cell = lambda xs: _spread(xs) if xs else "—"  # noqa: E731
         lines.append(f"| {NAMES.get(v, v)} | {cell(ind)} | " + " | ".join(cell(by[d]) for d in levels)
-                     + f" | {cell(grey)} | {cell(easy)} | {cell(proc)}"
+                     + f" | {cell(grey)} | {cell(easy)} | {cell(proc)} | {cell(agree)}"
                      + f" | {cell(ood)} | {cell(d_ood)} | {cell(d_ind)} |")
     path = out / "seed_summary.md"
     path.write_text(f"# Across seeds {sorted(runs)} (mean ± sample std)\n\n" + "\n".join(lines) + "\n\n"

@@ -13,6 +13,10 @@ Controls, because a VLM can score well without looking at its images:
 * ``image_ablation=True``: the same model answers again with every image replaced by a uniform
   grey image of the same size (``blank_prompt``); ``blank`` holds that result and
   ``visual_reliance`` the accuracy with images minus without, overall and per difficulty.
+* ``reasoning_agreement``: of the multiple-choice answers that name one option, the share whose
+  reasoning concludes that same option (read as the rubric judge reads a conclusion,
+  ``rewards.judge.rubric.concluded``). An outcome reward can raise accuracy while the answer
+  stops following from the chain; this says whether it did.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from data.convert import as_records
 from models.adapter import QwenVLAdapter
 from rewards import AccuracyReward, FormatReward
 from rewards.accuracy import LETTERS, resolve_option
-from rewards.text import THINK_RE, last_answer
+from rewards.judge.rubric import concluded
+from rewards.text import THINK_RE, last_answer, reasoning_text
 
 from .rollout import sample
 from .samples import default_prompt, default_reward_sample
@@ -52,6 +57,7 @@ class Prediction:
     chosen: str = ""        # option letter(s) the answer resolved to ("" = none; "A,B" = several)
     reference: str = ""     # the correct option's letter ("" for open questions)
     num_options: int = 0    # 0 for open questions
+    concluded: str = ""     # option letter(s) the reasoning concludes ("" = none; "A,B" = several)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class EvalResult:
     blank: dict | None = None            # the image-ablation control (an EvalResult as dict), if run
     visual_reliance: dict | None = None  # {"overall": acc - blank acc, "by_difficulty": {d: ...}}, or
                                          # {"skipped": why} when the model answered nothing with images
+    reasoning_agreement: dict = field(default_factory=dict)  # {"overall", "n", "by_difficulty": {d: ...}}
 
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +100,9 @@ class EvalResult:
             b = self.baselines
             lines.append(f"chance {100 * b['chance']:.2f} %, constant letter {b['constant_letter']} "
                          f"{100 * b['constant_letter_accuracy']:.2f} %; answers by letter {self.answer_letters}")
+        if self.reasoning_agreement:
+            lines.append(f"reasoning concludes the answer's option in {100 * self.reasoning_agreement['overall']:.1f} % "
+                         f"of {self.reasoning_agreement['n']} single-option answers")
         if self.blank is not None and "overall" in (self.visual_reliance or {}):
             lines.append(f"grey-image control {100 * self.blank['accuracy']:.2f} %, visual reliance "
                          f"{100 * self.visual_reliance['overall']:+.2f} points")
@@ -119,6 +129,20 @@ def letter_baselines(preds: list[Prediction]) -> dict:
     return {"chance": chance, "constant_letter": letter, "constant_letter_accuracy": hits / len(preds)}
 
 
+def reasoning_agreement(preds: list[Prediction]) -> dict:
+    """Among multiple-choice predictions whose answer names exactly one option: the share whose
+    reasoning concludes exactly that option, overall (with ``n``) and per difficulty."""
+    rows = [p for p in preds if p.num_options and p.chosen and "," not in p.chosen]
+    if not rows:
+        return {}
+
+    def rate(ps: list[Prediction]) -> float:
+        return sum(p.concluded == p.chosen for p in ps) / len(ps)
+    levels = sorted({p.difficulty for p in rows})
+    return {"overall": rate(rows), "n": len(rows),
+            "by_difficulty": {d: rate([p for p in rows if p.difficulty == d]) for d in levels}}
+
+
 def summarize(preds: list[Prediction]) -> EvalResult:
     n = len(preds)
     if n == 0:
@@ -134,7 +158,7 @@ def summarize(preds: list[Prediction]) -> EvalResult:
                       predictions=[asdict(p) for p in preds],
                       answer_letters=dict(sorted(Counter(p.chosen or "none" for p in preds if p.num_options).items())),
                       reference_letters=dict(sorted(Counter(p.reference for p in preds if p.reference).items())),
-                      baselines=baselines)
+                      baselines=baselines, reasoning_agreement=reasoning_agreement(preds))
 
 
 def visual_reliance(with_images: EvalResult, blank: EvalResult) -> dict:
@@ -163,6 +187,15 @@ def _letters(sample) -> tuple[str, str, int]:
     ref = LETTERS[options.index(sample.answer)] if sample.answer in options \
         else ",".join(sorted(resolve_option(str(sample.answer), options)))
     return chosen, ref, len(options)
+
+
+def reasoning_conclusion(sample) -> str:
+    """The option letter(s) the reasoning of a multiple-choice ``sample`` concludes, comma-joined
+    ("" when it concludes none or the question is open), read as the rubric judge reads them."""
+    if not sample.options:
+        return ""
+    return ",".join(sorted(concluded(reasoning_text(sample.completion), list(sample.options), "option",
+                                     last_answer(sample.completion))))
 
 
 def _attr(item, name, default=""):
@@ -197,7 +230,8 @@ def predict(model, adapter: QwenVLAdapter, records, *, batch_size: int = 32, max
                 correct=accuracy.score(reward_sample) == 1.0, well_formatted=fmt.score(reward_sample) == 1.0,
                 reasoning_tokens=len(adapter.tokenizer(think.group(1))["input_ids"]) if think else 0,
                 difficulty=str((_attr(record, "extra", {}) or {}).get("difficulty", "n/a")),
-                chosen=chosen, reference=reference, num_options=num_options))
+                chosen=chosen, reference=reference, num_options=num_options,
+                concluded=reasoning_conclusion(reward_sample)))
     return preds
 
 

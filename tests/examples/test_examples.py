@@ -106,6 +106,34 @@ def test_same_weights_finds_a_bitwise_copy_and_nothing_else(tmp_path):
     assert p.weights_fingerprint(tmp_path / "a") != p.weights_fingerprint(tmp_path / "c")
 
 
+def test_seed_summary_by_hand(tmp_path):
+    """Mean ± sample std across seeds and the changes against Alpha paired by seed, from
+    hand-made evaluation results."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import pathvlm_report as rep
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from grpo.evaluate import EvalResult
+
+    def result(acc, agree):
+        return {"test": EvalResult(n=10, accuracy=acc, format_rate=1.0, mean_reasoning_tokens=5.0,
+                                   by_difficulty={"easy": {"n": 10, "accuracy": acc}},
+                                   reasoning_agreement={"overall": agree, "n": 10, "by_difficulty": {}}),
+                "ct": EvalResult(n=4, accuracy=0.5, format_rate=1.0, mean_reasoning_tokens=5.0)}
+    runs = {42: {"alpha": result(0.6, 0.9), "beta": result(0.7, 0.5)},
+            43: {"alpha": result(0.5, 0.8), "beta": result(0.5, 0.7)}}
+    path = rep.write_seed_summary(tmp_path, runs)
+    summary = json.loads((tmp_path / "seed_summary.json").read_text())
+    assert summary["beta"]["in_domain"] == pytest.approx([70.0, 50.0])
+    assert summary["beta"]["in_domain_change_vs_alpha"] == pytest.approx([10.0, 0.0])
+    assert summary["beta"]["reasoning_agreement"] == pytest.approx([50.0, 70.0])
+    row = next(line for line in path.read_text().splitlines() if line.startswith("| Beta"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # in-domain 60 ± sqrt(((70-60)^2 + (50-60)^2) / 1) = 14.14; agreement 60 ± 14.14; change 5 ± 7.07
+    assert cells[1] == "60.00 ± 14.14" and cells[6] == "60.00 ± 14.14" and cells[-1] == "5.00 ± 7.07"
+
+
 def test_recipe_comparison_runs_every_recipe_on_the_same_alpha(tmp_path):
     """examples/recipe_comparison.py on the quick profile: each recipe trains the same number of
     steps from the same Alpha; DAPO's dynamic sampling generates extra rounds, the others exactly

@@ -74,6 +74,12 @@ def test_report_table_plots_and_html(quick_run):
     header = next(line for line in report.splitlines() if line.startswith("| Variant | In-domain"))
     assert [c.strip() for c in header.strip("|").split("|")][1:6] == ["In-domain (pathology)", "CT", "Dermoscopy",
                                                                       "Fundus", "OCT"]
+    # every variant's reasoning/answer agreement, as stored in its evaluation JSON
+    assert "## Does the answer follow from the reasoning?" in report
+    for variant, name in (("alpha", "Alpha (SFT)"), ("r1", "PathVLM-R1 (Beta + process reward)")):
+        agree = json.loads((out / "eval" / f"{variant}.json").read_text())["test"]["reasoning_agreement"]
+        row = f"| {name} | {100 * agree['overall']:.1f} (n={agree['n']}) |" if agree else f"| {name} | — |"
+        assert row in report, row
     for png in ("accuracy_by_stage.png", "training_curves.png"):
         with Image.open(out / "report" / png) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 200

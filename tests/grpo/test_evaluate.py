@@ -1,7 +1,9 @@
 """Evaluation: the summary arithmetic by hand, and a real batched run on the tiny model."""
 import pytest
 
-from grpo.evaluate import EvalResult, Prediction, blank_prompt, evaluate, letter_baselines, summarize, visual_reliance
+from grpo.evaluate import (EvalResult, Prediction, blank_prompt, evaluate, letter_baselines, reasoning_conclusion,
+                           summarize, visual_reliance)
+from rewards import RewardSample
 
 
 def _p(i, modality, correct, fmt, tokens, difficulty="easy", source="s1"):
@@ -69,6 +71,36 @@ def test_letter_baselines_and_distributions_by_hand():
     assert r.accuracy == pytest.approx(0.6)  # the constant-letter model's score: no evidence of reading
     # a tie between letters is broken alphabetically, so the baseline is deterministic
     assert letter_baselines([_mc(0, "B", "B", 2), _mc(1, "A", "A", 2)])["constant_letter"] == "A"
+
+
+def test_reasoning_agreement_by_hand():
+    def p(i, chosen, concluded, difficulty="easy", num_options=2):
+        return Prediction(id=str(i), modality="pathology", source="s", completion="", correct=True,
+                          well_formatted=True, reasoning_tokens=1, difficulty=difficulty, chosen=chosen,
+                          reference="A", num_options=num_options, concluded=concluded)
+    preds = [p(0, "A", "A"), p(1, "B", "A"), p(2, "A", ""),          # easy: 1 of 3 agree
+             p(3, "C", "C", "medium", 4), p(4, "D", "D", "medium", 4),  # medium: 2 of 2
+             p(5, "", "A"), p(6, "A,B", "A,B"),                          # no single answer: not counted
+             p(7, "", "", "open", 0)]                                    # open question: not counted
+    r = summarize(preds)
+    assert r.reasoning_agreement == {"overall": pytest.approx(3 / 5), "n": 5,
+                                     "by_difficulty": {"easy": pytest.approx(1 / 3), "medium": 1.0}}
+    assert "reasoning concludes the answer's option in 60.0 % of 5 single-option answers" in r.table()
+    assert summarize([p(0, "", "", "open", 0)]).reasoning_agreement == {}
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("<think>Nuclear size is small, not large. So the answer is A.</think><answer>A</answer>", "A"),
+    ("<think>Nuclear size is small, not large. So the answer is A.</think><answer>B</answer>", "A"),
+    ("<think>The nuclei are large, therefore large nuclei.</think><answer>A</answer>", "B"),
+    ("<think>Nuclear size is small, not large.</think><answer>A</answer>", ""),       # no conclusion
+    ("<answer>A</answer>", ""),
+])
+def test_reasoning_conclusion_reads_letters_and_option_text(completion, expected):
+    sample = RewardSample(question="Size?", completion=completion, answer="small nuclei",
+                          options=["small nuclei", "large nuclei"])
+    assert reasoning_conclusion(sample) == expected
+    assert reasoning_conclusion(RewardSample(question="Size?", completion=completion, answer="small")) == ""
 
 
 def test_visual_reliance_is_accuracy_minus_blank_by_hand():
