@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -408,7 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--judge-model", default="gpt-4o")
     p.add_argument("--deepspeed", help="DeepSpeed JSON config (e.g. examples/configs/zero3.json)")
     p.add_argument("--out", default="runs/pathvlm_r1", help="output folder")
-    p.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)},eval,report")
+    p.add_argument("--stages", default="all", help=f"comma-separated subset of {','.join(STAGES)},eval,report; "
+                                                    "eval:<variant> evaluates one variant")
     p.add_argument("--seed", type=int, default=42, help="paper: 42")
     p.add_argument("--seeds", help="comma-separated seeds: run the pipeline once per seed and summarise the spread")
     p.add_argument("--profile", choices=("auto", "paper", "tiny", "quick"), default="auto",
@@ -419,6 +421,9 @@ def parse_args(argv=None):
     p.add_argument("--validate", action="store_true",
                    help="hold out the last validation_fraction of the SFT and RL splits and evaluate on them "
                         "instead of the test split (for choosing hyper-parameters)")
+    p.add_argument("--jobs", default="auto",
+                   help="stages run side by side as separate processes (auto: the CPU cores, at most 2, on a "
+                        "one-process CPU run; 1 under DeepSpeed/torchrun or with CUDA)")
     p.add_argument("--judge-predictions", choices=("auto", "yes", "no"), default="auto",
                    help="score every variant's test completions with the judge (auto: only with the local judge)")
     return p.parse_args(argv)
@@ -429,12 +434,24 @@ def pick_profile(args) -> Profile:
     return {"paper": PAPER, "tiny": TINY, "quick": QUICK}[name]
 
 
+def wanted_stages(args) -> tuple[set, set]:
+    """(stages and "eval"/"report" asked for, variants to evaluate): ``--stages`` is "all" or a
+    comma list of stage names, "eval" (every trained variant), "eval:<variant>" and "report"."""
+    if args.stages == "all":
+        return set(STAGES + ("eval", "report")), set(VARIANTS)
+    tokens = set(args.stages.split(","))
+    evals = {t.split(":", 1)[1] for t in tokens if t.startswith("eval:")}
+    wanted = {t for t in tokens if not t.startswith("eval:")} | ({"eval"} if evals else set())
+    unknown = (wanted - set(STAGES + ("eval", "report"))) | {f"eval:{v}" for v in evals - set(VARIANTS)}
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; choose from "
+                         f"{STAGES + ('eval', 'report')} or eval:<variant> with a variant of {VARIANTS}")
+    return wanted, (set(VARIANTS) if "eval" in tokens else evals)
+
+
 def run(args, out: Path) -> dict:
     profile = pick_profile(args)
-    wanted = set(STAGES + ("eval", "report")) if args.stages == "all" else set(args.stages.split(","))
-    unknown = wanted - set(STAGES + ("eval", "report"))
-    if unknown:
-        raise SystemExit(f"--stages: unknown stage(s) {sorted(unknown)}; choose from {STAGES + ('eval', 'report')}")
+    wanted, to_evaluate = wanted_stages(args)
     init_distributed()  # no-op in one process; evaluation alone also shards over the ranks
     out.mkdir(parents=True, exist_ok=True)
     if is_main():
@@ -477,8 +494,11 @@ def run(args, out: Path) -> dict:
         if "eval" in wanted:
             score_chains = args.judge_predictions == "yes" or (args.judge_predictions == "auto" and not args.judge_url)
             for v in VARIANTS:
-                if v == "base" or (paths[v] / "DONE.json").is_file():
-                    same_as[v] = same_weights(paths[v], {u: paths[u] for u in results})
+                if v in to_evaluate and (v == "base" or (paths[v] / "DONE.json").is_file()):
+                    # any variant evaluated before, here or by another job of a parallel run
+                    done = {u: paths[u] for u in VARIANTS[:VARIANTS.index(v)]
+                            if u in results or (out / "eval" / f"{u}.json").is_file()}
+                    same_as[v] = same_weights(paths[v], done)
                     results[v] = evaluate_variant(v, paths[v], parts, profile, out, same_as=same_as[v])
                     if score_chains and is_main():
                         process[v] = judge_predictions(v, results[v]["test"], parts["test"], judge, out)
@@ -489,17 +509,137 @@ def run(args, out: Path) -> dict:
     return results
 
 
+# ------------------------------------------------------------------------ stages side by side
+# Critical path first (base -> alpha -> beta -> r1 -> its evaluation), then what fits beside it.
+JOB_PRIORITY = ("alpha", "beta", "r1", "epsilon", "gamma", "delta") + tuple(f"eval:{v}" for v in VARIANTS)
+
+
+def pick_jobs(args) -> int:
+    """How many stages run side by side: ``--jobs``, or with "auto" the CPU cores available (at
+    most 2) on a single-process CPU run, else 1. Each job is a process with one thread
+    (OMP_NUM_THREADS=1), so on the embedded default two jobs use the two cores a run otherwise
+    leaves half idle."""
+    if args.jobs != "auto":
+        n = int(args.jobs)
+        if n < 1:
+            raise SystemExit(f"--jobs {args.jobs}: must be >= 1 or auto")
+        return n
+    if world_size() > 1 or args.deepspeed or torch.cuda.is_available():
+        return 1
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The command line minus the options a job sets itself (--stages, --jobs, --seed(s), --out,
+    --judge-predictions, --no-progress)."""
+    valued = {"--stages", "--jobs", "--seed", "--seeds", "--out", "--judge-predictions"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in valued:
+            skip = True
+        elif not (a.split("=", 1)[0] in valued or a == "--no-progress"):
+            out.append(a)
+    return out
+
+
+def stage_jobs(wanted: set, to_evaluate: set, paths: dict, evals: Path) -> dict:
+    """{job: the jobs it waits for} for the stages not done yet and the evaluations asked for and
+    not yet in ``evals`` (the cached ones are read by the final pass)."""
+    done = {s for s in STAGES if (paths[s] / "DONE.json").is_file()}
+    jobs = {}
+    for stage in STAGES:
+        if stage in wanted and stage in done:
+            log(f"stage {stage}: done already ({paths[stage] / 'DONE.json'}), skipped")
+        elif stage in wanted:
+            parent = PARENT[stage]
+            if parent != "base" and parent not in done and parent not in jobs:
+                raise SystemExit(f"stage {stage} needs stage {parent} first (run --stages {parent},{stage})")
+            jobs[stage] = {parent} - {"base"} - done
+    if "eval" in wanted:
+        for v in VARIANTS:
+            if v in to_evaluate and (v == "base" or v in done or v in jobs) and not (evals / f"{v}.json").is_file():
+                jobs[f"eval:{v}"] = {v} - {"base"} - done
+    return jobs
+
+
+def run_parallel(args, out: Path, jobs: int, argv: list[str]) -> dict:
+    """``run`` with the stages and evaluations as separate processes, up to ``jobs`` at a time,
+    each started when the stages it needs are done. Data and the base model are made here first;
+    the judge's scoring of the test answers and the report come last, here, once everything is
+    evaluated. Every job is the same script with ``--stages <job>``, so its results equal a
+    sequential run's (each stage seeds itself; tests/examples/test_pipeline.py checks it). A job's
+    output goes to ``<out>/logs/<job>.log``; if one fails the others are stopped."""
+    profile = pick_profile(args)
+    wanted, to_evaluate = wanted_stages(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(asdict(profile), indent=1))
+    parts = load_splits(args, profile, out)
+    paths = {"base": base_model(args, parts, out, profile)} | {s: out / "models" / s for s in STAGES}
+    todo = stage_jobs(wanted, to_evaluate, paths, out / "eval")
+    (out / "logs").mkdir(exist_ok=True)
+    base_cmd = [sys.executable, str(Path(__file__).resolve()), *child_argv(argv), "--out", str(out),
+                "--seed", str(args.seed), "--jobs", "1", "--judge-predictions", "no", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    running: dict = {}   # job -> (process, log file, start time)
+    finished: set = set()
+    log(f"{len(todo)} jobs, {jobs} at a time: {', '.join(j for j in JOB_PRIORITY if j in todo)}")
+    try:
+        while todo or running:
+            for job in [j for j in JOB_PRIORITY if j in todo and todo[j] <= finished][:max(0, jobs - len(running))]:
+                del todo[job]
+                handle = open(out / "logs" / f"{job.replace(':', '-')}.log", "w")
+                proc = subprocess.Popen(base_cmd + ["--stages", job], stdout=handle, stderr=subprocess.STDOUT, env=env)
+                running[job] = (proc, handle, time.time())
+                log(f"{job}: started (log {handle.name})")
+            if not running:
+                raise SystemExit(f"jobs {sorted(todo)} wait for jobs that never ran")
+            time.sleep(0.5)
+            for job, (proc, handle, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                handle.close()
+                del running[job]
+                if proc.returncode != 0:
+                    tail = Path(handle.name).read_text()[-3000:]
+                    raise SystemExit(f"job {job} failed (exit {proc.returncode}); its log {handle.name} ends:\n{tail}")
+                finished.add(job)
+                log(f"{job}: finished in {time.time() - t0:.1f} s")
+    finally:
+        for proc, handle, _ in running.values():
+            proc.terminate()
+        for proc, handle, _ in running.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            handle.close()
+    rest = sorted(wanted & {"eval", "report"})
+    if not rest:
+        return {}
+    final = argparse.Namespace(**{**vars(args), "stages": ",".join(
+        rest if "eval" not in rest or to_evaluate == set(VARIANTS) else
+        [r for r in rest if r != "eval"] + [f"eval:{v}" for v in sorted(to_evaluate)])})
+    return run(final, out)   # every evaluation is cached now: judge the answers, write the report
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    jobs = pick_jobs(args)
+
+    def one(out: Path) -> dict:
+        return run_parallel(args, out, jobs, argv) if jobs > 1 else run(args, out)
     if args.seeds:
         runs = {}
         for seed in [int(s) for s in args.seeds.split(",")]:
             args.seed = seed
-            runs[seed] = run(args, Path(args.out) / f"seed-{seed}")
+            runs[seed] = one(Path(args.out) / f"seed-{seed}")
         if is_main():
             log(f"seed summary: {write_seed_summary(Path(args.out), runs)}")
     else:
-        run(args, Path(args.out))
+        one(Path(args.out))
 
 
 if __name__ == "__main__":
