@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["step_vs_trl", "overhead", "logprob_memory", "image_scaling", "zero3_prefetch", "zero3", "zero3_reuse"]
-TINY_ONLY = {"zero3_prefetch"}  # builds its own tiny model; takes no --model
-# bench/reward_aggregation.py and bench/judge_groupwise.py measure rewards, not speed: run them on their own.
+BENCHES = ["step_vs_trl", "overhead", "logprob_memory", "image_scaling", "zero3_prefetch", "zero3", "zero3_reuse",
+           "lora_memory", "judge_throughput"]
+TINY_ONLY = {"zero3_prefetch", "judge_throughput"}  # always the tiny model (2 CPU ranks) / no model at all: no --model
+MEASURE_REWARDS = {"reward_aggregation", "judge_groupwise"}  # not speed: run them on their own
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
@@ -27,7 +28,8 @@ if __name__ == "__main__":
         path = HERE / "results" / f"{name}.json"
         if path.is_file():
             r = json.loads(path.read_text())
-            summary[name] = {"ratio": r.get("ratio"), "target": r.get("target"), "target_met": r.get("target_met")}
-            if r.get("ratios"):  # benchmarks with several comparisons (zero3_prefetch, zero3, zero3_reuse)
+            summary[name] = {"ratio": r.get("ratio"), "target": r.get("target", r.get("target_ratio")),
+                             "target_met": r.get("target_met")}
+            if r.get("ratios"):  # benchmarks with several comparisons (zero3_prefetch, zero3, zero3_reuse, lora_memory)
                 summary[name]["ratios"] = r["ratios"]
     print(json.dumps(summary, indent=2))
