@@ -412,9 +412,14 @@ def _head_chunk(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float
     return logp, entropy, top_entropy
 
 
+def head_chunk_rows(head: nn.Module, chunk_size: int) -> int:
+    """Rows the output head projects at once: ``chunk_size``, capped at ``MAX_CHUNK_LOGITS`` logits."""
+    return max(1, min(chunk_size, MAX_CHUNK_LOGITS // _out_features(head)))
+
+
 def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor, temperature: float = 1.0,
                                chunk_size: int = 1024, *, entropy_grad: bool = False,
-                               entropy_top_k: int = 0) -> Tuple[Tensor, ...]:
+                               entropy_top_k: int = 0, min_head_calls: int = 0) -> Tuple[Tensor, ...]:
     """Selective log-softmax through the output head, chunked: log-probs of the chosen tokens.
 
     Args:
@@ -428,6 +433,11 @@ def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor, tem
         entropy_grad: make ``entropy`` differentiable (for an entropy bonus in the loss).
         entropy_top_k: k > 0 also returns the entropy of the k most likely tokens' distribution,
             renormalised over them (a tail-insensitive entropy; no gradient).
+        min_head_calls: call the head at least this often, forward and backward, padding with
+            chunks of one row whose outputs enter the result times 0. Under ZeRO-3 every call of
+            the head gathers its partitioned weight, a collective, so all ranks must call it
+            equally often however many rows each has (``CompletionLogProbs`` passes the
+            ranks' maximum); the values are unchanged.
 
     Returns:
         logp: ``(N, T)`` fp32, ``log_softmax(head(hidden) / temperature)[..., ids]``; differentiable
@@ -445,20 +455,22 @@ def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor, tem
     flat_h, flat_ids = hidden.reshape(n * t, h), ids.reshape(n * t)
     # Bound the logits of one chunk, whatever the vocabulary: at Qwen's 151,936 rows a 1,024-row
     # chunk alone is 622 MB of fp32 logits, and its backward holds several such buffers.
-    chunk_size = max(1, min(chunk_size, MAX_CHUNK_LOGITS // _out_features(head)))
-    outs = []
-    for start in range(0, n * t, chunk_size):
-        hs, ix = flat_h[start:start + chunk_size], flat_ids[start:start + chunk_size]
+    chunk_size = head_chunk_rows(head, chunk_size)
+
+    def chunk(hs, ix):
         if torch.is_grad_enabled() and hs.requires_grad:
-            out = checkpoint(_head_chunk, head, hs, ix, temperature, entropy_grad, entropy_top_k, use_reentrant=False)
-        else:
-            out = _head_chunk(head, hs, ix, temperature, entropy_grad, entropy_top_k)
-        outs.append(out)
+            return checkpoint(_head_chunk, head, hs, ix, temperature, entropy_grad, entropy_top_k, use_reentrant=False)
+        return _head_chunk(head, hs, ix, temperature, entropy_grad, entropy_top_k)
+    outs = [chunk(flat_h[s:s + chunk_size], flat_ids[s:s + chunk_size]) for s in range(0, n * t, chunk_size)]
     k = 3 if entropy_top_k else 2
     if not outs:
         empty = hidden.new_zeros(n, t, dtype=torch.float32)
         return (empty,) * k
-    return tuple(torch.cat([o[i] for o in outs]).view(n, t) for i in range(k))
+    # padding calls (collective symmetry, see min_head_calls): a real row again, its log-prob x 0
+    pad = sum(chunk(flat_h[:1], flat_ids[:1])[0].sum() * 0 for _ in range(min_head_calls - len(outs)))
+    logp = torch.cat([o[0] for o in outs]).view(n, t)
+    return (logp + pad if torch.is_tensor(pad) else logp,) + tuple(
+        torch.cat([o[i] for o in outs]).view(n, t) for i in range(1, k))
 
 
 # =========================================================================== 3b. entropy selection

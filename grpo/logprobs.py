@@ -8,9 +8,10 @@ output projection applied chunk by chunk.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .core import token_logprobs_from_hidden
+from .core import head_chunk_rows, token_logprobs_from_hidden
 
 
 class CompletionLogProbs(nn.Module):
@@ -28,6 +29,7 @@ class CompletionLogProbs(nn.Module):
         self.adapter = adapter
         self.chunk_size = chunk_size
         self.sync_vision = sync_vision  # ZeRO-3: run the vision tower even without images
+        self.sync_head_calls = sync_vision  # ZeRO-3: call the output head as often on every rank
 
     def forward(self, completion_ids: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = False,
                 entropy_top_k: int = 0, **inputs):
@@ -39,5 +41,14 @@ class CompletionLogProbs(nn.Module):
         hidden = self.adapter.completion_hidden(self.model, completion_ids, sync_vision=self.sync_vision,
                                                 **inputs)                            # (N, T, H)
         head = self.adapter.output_head(self.model)
+        calls = 0
+        if self.sync_head_calls and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every head call gathers its ZeRO-3 partitions: ranks with fewer rows (shorter
+            # completions) pad up to the ranks' largest number of chunks, or the collectives hang
+            rows = hidden.shape[0] * hidden.shape[1]
+            calls = torch.tensor([-(-rows // head_chunk_rows(head, self.chunk_size))], device=hidden.device)
+            dist.all_reduce(calls, op=dist.ReduceOp.MAX)
+            calls = int(calls.item())
         return token_logprobs_from_hidden(head, hidden, completion_ids, temperature, self.chunk_size,
-                                          entropy_grad=entropy_grad, entropy_top_k=entropy_top_k)
+                                          entropy_grad=entropy_grad, entropy_top_k=entropy_top_k,
+                                          min_head_calls=calls)

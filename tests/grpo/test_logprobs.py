@@ -110,6 +110,34 @@ def test_token_logprobs_chunks_never_exceed_max_logits(monkeypatch):
     torch.testing.assert_close(logp, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_padding_head_calls_change_no_value_or_gradient():
+    """min_head_calls (ZeRO-3 ranks call the head equally often): 15 rows in chunks of 4 need 4
+    calls; asked for 7, the head runs 7 times forward and 7 more in the backward (each chunk is
+    checkpointed, so recomputed), while log-probs, entropies and gradients stay those of 4 calls."""
+    g = torch.Generator().manual_seed(3)
+    hidden, ids = torch.randn(3, 5, 8, generator=g), torch.randint(0, 50, (3, 5), generator=g)
+    weights = torch.randn(15, generator=g)
+    results = {}
+    for calls in (0, 7):
+        head = torch.nn.Linear(8, 50)
+        torch.nn.init.normal_(head.weight, generator=torch.Generator().manual_seed(4))
+        torch.nn.init.zeros_(head.bias)
+        seen = []
+        head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+        h = hidden.clone().requires_grad_(True)
+        logp, ent = token_logprobs_from_hidden(head, h, ids, chunk_size=4, min_head_calls=calls)
+        forward_calls = len(seen)
+        (logp.reshape(-1) * weights).sum().backward()
+        results[calls] = (logp.detach(), ent.detach(), h.grad, head.weight.grad, forward_calls, seen)
+    torch.testing.assert_close(results[7][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[7][1], results[0][1], rtol=0, atol=0)
+    torch.testing.assert_close(results[7][2], results[0][2], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[7][3], results[0][3], rtol=1e-6, atol=1e-7)
+    for calls, chunks in ((0, [4, 4, 4, 3]), (7, [4, 4, 4, 3, 1, 1, 1])):   # rows per call
+        n, seen = results[calls][4], results[calls][5]
+        assert n == len(chunks) and seen[:n] == chunks and sorted(seen[n:]) == sorted(chunks)  # backward: any order
+
+
 def test_token_logprobs_of_no_tokens():
     logp, ent = token_logprobs_from_hidden(torch.nn.Linear(4, 9), torch.zeros(2, 0, 4), torch.zeros(2, 0, dtype=torch.long))
     assert logp.shape == ent.shape == (2, 0) and logp.dtype == torch.float32
