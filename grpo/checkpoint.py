@@ -181,9 +181,25 @@ def _prune(output_dir: Path, keep: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def check_lora_matches(folder: Path, lora: bool) -> None:
+    """A LoRA checkpoint holds only adapters (``model/adapter_config.json``) and a full one only
+    full weights: resuming one with a trainer of the other kind cannot work, so say which."""
+    has_adapters = (folder / "model" / "adapter_config.json").is_file()
+    if has_adapters and not lora:
+        raise RuntimeError(f"{folder} holds LoRA adapters (model/adapter_config.json), not full weights, but "
+                           f"this trainer has no peft_config: pass the peft_config of the run that wrote it "
+                           f"(the base weights are loaded as that run started), or set "
+                           f"resume_from_checkpoint=None to start over")
+    if lora and not has_adapters:
+        raise RuntimeError(f"{folder} holds full model weights, not LoRA adapters (no model/adapter_config.json), "
+                           f"but this trainer was given a peft_config: drop peft_config to resume it, or set "
+                           f"resume_from_checkpoint=None to start a LoRA run over")
+
+
 def load_checkpoint(engine, folder: Path) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
     verify(folder)
+    check_lora_matches(folder, engine.lora is not None)
     engine.load(folder)
     rng_file = folder / f"rng_rank{engine.rank}.pt"
     if rng_file.is_file():

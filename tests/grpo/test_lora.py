@@ -241,6 +241,17 @@ def test_resume_gives_the_same_next_losses_and_checkpoints_hold_only_adapters(ti
     assert len(state) == n_adapters
     with pytest.raises(ValueError, match="peft_config"):
         run(tmp_path / "b", 3, resume="auto", peft_config=default_lora_config(r=8)).train()
+    # the other kind of trainer on each kind of checkpoint: a message that says what to pass
+    def full(out, steps, **kw):
+        trainer = GRPOTrainer(tiny_model(tiny_ckpt), [LengthReward()], processing_class=tiny_model.processor,
+                              args=make_config(str(out), beta=0.04, max_steps=steps, **kw), train_dataset=dataset())
+        trainer.sampler = FixedSampler()
+        return trainer
+    with pytest.raises(RuntimeError, match=r"holds LoRA adapters .* no peft_config: pass the peft_config"):
+        full(tmp_path / "b", 3, resume_from_checkpoint="auto").train()
+    full(tmp_path / "f", 1, save_steps=1).train()
+    with pytest.raises(RuntimeError, match=r"holds full model weights, not LoRA adapters .* drop peft_config"):
+        run(tmp_path / "f", 3, resume="auto").train()
     resumed = run(tmp_path / "b", 3, resume="auto").train()
     assert len(resumed) == 2
     for key in ("loss", "kl_mean", "grad_norm", "reward/mean"):
