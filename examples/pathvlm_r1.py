@@ -567,7 +567,8 @@ def stage_jobs(wanted: set, to_evaluate: set, paths: dict, evals: Path) -> dict:
 def run_parallel(args, out: Path, jobs: int, argv: list[str]) -> dict:
     """``run`` with the stages and evaluations as separate processes, up to ``jobs`` at a time,
     each started when the stages it needs are done. Data and the base model are made here first;
-    the judge's scoring of the test answers and the report come last, here, once everything is
+    an evaluation job also has the judge score its variant's test answers (the judge cache is a
+    WAL-mode SQLite file that processes share); the report comes last, here, once everything is
     evaluated. Every job is the same script with ``--stages <job>``, so its results equal a
     sequential run's (each stage seeds itself; tests/examples/test_pipeline.py checks it). A job's
     output goes to ``<out>/logs/<job>.log``; if one fails the others are stopped."""
@@ -580,7 +581,7 @@ def run_parallel(args, out: Path, jobs: int, argv: list[str]) -> dict:
     todo = stage_jobs(wanted, to_evaluate, paths, out / "eval")
     (out / "logs").mkdir(exist_ok=True)
     base_cmd = [sys.executable, str(Path(__file__).resolve()), *child_argv(argv), "--out", str(out),
-                "--seed", str(args.seed), "--jobs", "1", "--judge-predictions", "no", "--no-progress"]
+                "--seed", str(args.seed), "--jobs", "1", "--judge-predictions", args.judge_predictions, "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     running: dict = {}   # job -> (process, log file, start time)
     finished: set = set()
@@ -621,7 +622,7 @@ def run_parallel(args, out: Path, jobs: int, argv: list[str]) -> dict:
     final = argparse.Namespace(**{**vars(args), "stages": ",".join(
         rest if "eval" not in rest or to_evaluate == set(VARIANTS) else
         [r for r in rest if r != "eval"] + [f"eval:{v}" for v in sorted(to_evaluate)])})
-    return run(final, out)   # every evaluation is cached now: judge the answers, write the report
+    return run(final, out)   # every evaluation and judgment is cached now: write the report
 
 
 def main(argv=None) -> None:
