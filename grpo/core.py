@@ -437,7 +437,8 @@ def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor, tem
             chunks of one row whose outputs enter the result times 0. Under ZeRO-3 every call of
             the head gathers its partitioned weight, a collective, so all ranks must call it
             equally often however many rows each has (``CompletionLogProbs`` passes the
-            ranks' maximum); the values are unchanged.
+            ranks' maximum); the values are unchanged. The padding hangs on ``logp``: a loss
+            must use the log-probs (GRPO's and SFT's do) for the backward to call it too.
 
     Returns:
         logp: ``(N, T)`` fp32, ``log_softmax(head(hidden) / temperature)[..., ids]``; differentiable
@@ -462,15 +463,18 @@ def token_logprobs_from_hidden(head: nn.Module, hidden: Tensor, ids: Tensor, tem
             return checkpoint(_head_chunk, head, hs, ix, temperature, entropy_grad, entropy_top_k, use_reentrant=False)
         return _head_chunk(head, hs, ix, temperature, entropy_grad, entropy_top_k)
     outs = [chunk(flat_h[s:s + chunk_size], flat_ids[s:s + chunk_size]) for s in range(0, n * t, chunk_size)]
+    # padding calls (collective symmetry, see min_head_calls): a real row again (a zero row when
+    # there is none), its log-prob x 0 in the result when a backward follows, so they run there too
+    row_h, row_ids = (flat_h[:1], flat_ids[:1]) if n * t else (hidden.new_zeros(1, h), ids.new_zeros(1))
+    pads = [chunk(row_h, row_ids)[0].sum() * 0 for _ in range(min_head_calls - len(outs))]
     k = 3 if entropy_top_k else 2
     if not outs:
         empty = hidden.new_zeros(n, t, dtype=torch.float32)
         return (empty,) * k
-    # padding calls (collective symmetry, see min_head_calls): a real row again, its log-prob x 0
-    pad = sum(chunk(flat_h[:1], flat_ids[:1])[0].sum() * 0 for _ in range(min_head_calls - len(outs)))
     logp = torch.cat([o[0] for o in outs]).view(n, t)
-    return (logp + pad if torch.is_tensor(pad) else logp,) + tuple(
-        torch.cat([o[i] for o in outs]).view(n, t) for i in range(1, k))
+    if pads and logp.requires_grad:  # no backward, no need: the forward calls have been made
+        logp = logp + sum(pads)
+    return (logp,) + tuple(torch.cat([o[i] for o in outs]).view(n, t) for i in range(1, k))
 
 
 # =========================================================================== 3b. entropy selection

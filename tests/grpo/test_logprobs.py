@@ -136,6 +136,14 @@ def test_padding_head_calls_change_no_value_or_gradient():
     for calls, chunks in ((0, [4, 4, 4, 3]), (7, [4, 4, 4, 3, 1, 1, 1])):   # rows per call
         n, seen = results[calls][4], results[calls][5]
         assert n == len(chunks) and seen[:n] == chunks and sorted(seen[n:]) == sorted(chunks)  # backward: any order
+    # without grad (reference / old-policy passes) and with no rows at all: the calls, no change
+    head, seen = torch.nn.Linear(8, 50), []
+    head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+    with torch.no_grad():
+        logp, _ = token_logprobs_from_hidden(head, hidden, ids, chunk_size=4, min_head_calls=6)
+        torch.testing.assert_close(logp, token_logprobs_from_hidden(head, hidden, ids, chunk_size=4)[0], rtol=0, atol=0)
+        empty, _ = token_logprobs_from_hidden(head, hidden[:, :0], ids[:, :0], chunk_size=4, min_head_calls=3)
+    assert seen == [4, 4, 4, 3, 1, 1] + [4, 4, 4, 3] + [1, 1, 1] and empty.shape == (3, 0)
 
 
 def test_token_logprobs_of_no_tokens():
