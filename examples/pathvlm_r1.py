@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -150,6 +151,14 @@ def log(msg: str) -> None:
         print(f"[pathvlm-r1] {msg}", flush=True)
 
 
+def write_json(path: Path, obj, indent: int | None = 1) -> None:
+    """Write JSON whole or not at all (a temporary file renamed over ``path``): a job stopped while
+    writing leaves no truncated cache for the next run to trip on."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent))
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------ data
 def load_splits(args, profile: Profile, out: Path) -> dict:
     """{"sft", "rl", "test": lists of VQARecord, "ood": {modality: records}}, image-disjoint."""
@@ -234,7 +243,7 @@ def base_model(args, parts: dict, out: Path, profile: Profile) -> Path:
     barrier()
     info = json.loads((folder / "BASE.json").read_text())
     if is_main():
-        (out / "base.json").write_text(json.dumps({**info, "path": str(folder)}, indent=1))
+        write_json(out / "base.json", {**info, "path": str(folder)})
     log(f"base: {folder} (built in {info['seconds']} s{'' if profile.pretrain_steps else ', no pretraining'})")
     return folder
 
@@ -310,7 +319,7 @@ def run_stage(name: str, out: Path, fn) -> None:
     summary = fn()
     summary["seconds"] = round(time.time() - t0, 1)
     if is_main():
-        done.write_text(json.dumps(summary, indent=1))
+        write_json(done, summary)
     barrier()  # no rank may look for DONE.json before rank 0 wrote it
     log(f"stage {name}: finished in {summary['seconds']} s {summary}")
 
@@ -363,7 +372,7 @@ def evaluate_variant(variant: str, path: Path, parts: dict, profile: Profile, ou
                                       image_ablation=split == "test")
     if is_main():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({k: asdict(v) for k, v in results.items()}))
+        write_json(cache, {k: asdict(v) for k, v in results.items()}, indent=None)
     barrier()
     log(f"eval {variant}: " + ", ".join(f"{k} {100 * v.accuracy:.2f} %" for k, v in results.items())
         + f" ({time.time() - t0:.0f} s)")
@@ -389,7 +398,7 @@ def judge_predictions(variant: str, result: EvalResult, records, judge, out: Pat
     kept = [x for x in scores if x is not None]
     summary = {"mean": sum(kept) / len(kept) if kept else None, "n": len(kept), "abstained": len(scores) - len(kept),
                "by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_level.items())}}
-    cache.write_text(json.dumps(summary, indent=1))
+    write_json(cache, summary)
     log(f"judge {variant}: mean process score {summary['mean']} on {len(kept)} test completions")
     return summary
 
@@ -644,4 +653,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    # a parallel run stops its other jobs with SIGTERM when one fails: exit through the context
+    # managers, so a job's local judge server is stopped with it
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()
