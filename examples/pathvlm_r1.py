@@ -578,8 +578,9 @@ def run_parallel(args, out: Path, jobs: int, argv: list[str]) -> dict:
     each started when the stages it needs are done. Data and the base model are made here first;
     an evaluation job also has the judge score its variant's test answers (the judge cache is a
     WAL-mode SQLite file that processes share); the report comes last, here, once everything is
-    evaluated. Every job is the same script with ``--stages <job>``, so its results equal a
-    sequential run's (each stage seeds itself; tests/examples/test_pipeline.py checks it). A job's
+    evaluated. Every job is the same script with ``--stages <job>`` and one thread, so its
+    results equal a sequential run's at one thread (each stage seeds itself;
+    tests/examples/test_pipeline.py checks it; more threads sum in another order). A job's
     output goes to ``<out>/logs/<job>.log``; if one fails the others are stopped."""
     profile = pick_profile(args)
     wanted, to_evaluate = wanted_stages(args)
