@@ -28,9 +28,13 @@ def doc_refs(text: str):
     """(symbol, path, line) for each reference: the symbol is the last `name` before it in the
     same paragraph that is not itself a reference."""
     for m in REF.finditer(text):
-        para_start = text.rfind("\n\n", 0, m.start()) + 1
-        names = [s for s in SYMBOL.findall(text[para_start:m.start()]) if not s.endswith(".py")]
-        yield (names[-1] if names else None), m.group(1), int(m.group(2))
+        yield symbol_before(text, m.start()), m.group(1), int(m.group(2))
+
+
+def symbol_before(text: str, pos: int) -> str | None:
+    para_start = text.rfind("\n\n", 0, pos) + 1
+    names = [s for s in SYMBOL.findall(text[para_start:pos]) if not s.endswith(".py")]
+    return names[-1] if names else None
 
 
 def resolve(symbol: str, defs: dict[str, int]) -> int | None:
@@ -68,4 +72,29 @@ def test_every_code_reference_in_the_docs_is_on_its_definition():
                 wrong.append(f"{where} for `{symbol}`: " + (f"defined at line {found}" if found else
                                                              f"not defined in {rel}"))
     assert seen > 0 or not wrong
-    assert not wrong, "stale code references (update the line numbers):\n" + "\n".join(wrong)
+    assert not wrong, ("stale code references (`python tests/examples/test_doc_code_refs.py --fix` "
+                       "rewrites the line numbers):\n" + "\n".join(wrong))
+
+
+def fix(doc: Path) -> int:
+    """Rewrite each reference of ``doc`` to the line where its symbol is defined; returns how many
+    changed (references whose symbol cannot be found are left for a person)."""
+    text, out, last, changed = doc.read_text(), [], 0, 0
+    for m in REF.finditer(text):
+        symbol, target = symbol_before(text, m.start()), ROOT / m.group(1)
+        line = resolve(symbol, definitions(target)) if symbol and target.is_file() else None
+        new = f"`{m.group(1)}:{line or m.group(2)}`"
+        changed += new != m.group(0)
+        out += [text[last:m.start()], new]
+        last = m.end()
+    doc.write_text("".join(out) + text[last:])
+    return changed
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] != ["--fix"]:
+        raise SystemExit("usage: python tests/examples/test_doc_code_refs.py --fix")
+    for doc in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
+        if n := fix(doc):
+            print(f"{doc.relative_to(ROOT)}: {n} reference(s) moved")
