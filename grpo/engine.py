@@ -256,7 +256,7 @@ class DeepSpeedEngine(TorchEngine):
         self.zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
         for m in (module, ref_module):  # ZeRO-3: the same module calls on every rank (each gathers)
             if m is not None:
-                m.sync_vision = m.sync_head_calls = self.zero_stage == 3
+                m.sync_vision = self.zero_stage == 3
         optimizer = torch.optim.AdamW(trainable(module), lr=cfg.learning_rate,
                                       betas=cfg.adam_betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

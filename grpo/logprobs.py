@@ -28,8 +28,9 @@ class CompletionLogProbs(nn.Module):
         self.model = model
         self.adapter = adapter
         self.chunk_size = chunk_size
-        self.sync_vision = sync_vision  # ZeRO-3: run the vision tower even without images
-        self.sync_head_calls = sync_vision  # ZeRO-3: call the output head as often on every rank
+        # ZeRO-3: the same collectives on every rank (the vision tower runs even without images,
+        # the output head is called as often as on the rank with the most rows)
+        self.sync_vision = sync_vision
 
     def forward(self, completion_ids: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = False,
                 entropy_top_k: int = 0, **inputs):
@@ -42,7 +43,7 @@ class CompletionLogProbs(nn.Module):
                                                 **inputs)                            # (N, T, H)
         head = self.adapter.output_head(self.model)
         calls = 0
-        if self.sync_head_calls and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.sync_vision and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every head call gathers its ZeRO-3 partitions: ranks with fewer rows (shorter
             # completions) pad up to the ranks' largest number of chunks, or the collectives hang
             rows = hidden.shape[0] * hidden.shape[1]
