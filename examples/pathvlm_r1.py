@@ -119,7 +119,7 @@ PAPER = Profile()
 # - a caption-pretrained base (300 steps at 5e-4, vision tower trained), so SFT starts from a model
 #   that sees;
 # - then the vision tower frozen in every stage, as in the paper: a linear probe on the base's pooled
-#   image features separates nuclear size (94-97 %), cellularity (100 %) and staining (95-99 %), so
+#   image features separates nuclear size (94-98 %), cellularity (100 %) and staining (95-99 %), so
 #   what SFT must learn is the decoder reading them. Trained by SFT at 5e-4 the tower only got worse
 #   (size 0.97 -> 0.93 on the probe), and by GRPO's noisy gradient it lost 4-7 points of accuracy;
 #   frozen, Alpha rose 63.5 -> 67.0 % on seed 42's validation slice;

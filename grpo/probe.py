@@ -32,10 +32,10 @@ def image_features(model, processor, images, batch_size: int = 64) -> torch.Tens
     """(n, 2H) float32: per image, the mean and the standard deviation over its merged vision tokens
     (``get_image_features``' pooled output, H = the decoder width)."""
     base = getattr(model, "model", model)
+    device = next(base.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         enc = processor.image_processor(images=list(images[start:start + batch_size]), return_tensors="pt")
-        device = next(base.parameters()).device
         feats = base.get_image_features(enc["pixel_values"].to(device), enc["image_grid_thw"].to(device),
                                         return_dict=True).pooler_output
         out += [torch.cat([f.float().mean(0), f.float().std(0, unbiased=False)]).cpu() for f in feats]
