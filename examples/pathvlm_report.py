@@ -10,6 +10,7 @@ import statistics
 from pathlib import Path
 
 import data
+from grpo import claim_balance
 
 NAMES = {"base": "Base", "alpha": "Alpha (SFT)", "beta": "Beta (Alpha + GRPO acc+fmt)",
          "r1": "PathVLM-R1 (Beta + process reward)", "gamma": "Gamma (Alpha + SFT on RL split)",
@@ -93,6 +94,34 @@ def agreement_table(results: dict) -> str:
         by = agree["by_difficulty"]
         lines.append(f"| {NAMES.get(variant, variant)} | {100 * agree['overall']:.1f} (n={agree['n']}) | "
                      + " | ".join(f"{100 * by[d]:.1f}" if d in by else "—" for d in levels) + " |")
+    return "\n".join(lines)
+
+
+def _short(value: str) -> str:
+    return value.split(" (")[0]  # "dark (hyperchromatic)" -> "dark"
+
+
+def claims_table(results: dict, records: list) -> str:
+    """Per variant and attribute: what the test reasoning claims (``rubric.claim_balance``) against
+    the truth, and how often the claim is right. An accuracy that moves because the claims drift to
+    one value (a prior) looks different here from one that moves because the attribute is read."""
+    tables = {v: claim_balance(res["test"].predictions, records) for v, res in results.items()}
+    subjects = sorted({s for t in tables.values() for s in t})
+    if not subjects:
+        return "(no test record has criteria of the form '<attribute> is <value>, not <other>')"
+
+    def counts(d: dict, order: list[str]) -> str:
+        return " / ".join(f"{_short(k)} {d[k]}" for k in order + sorted(set(d) - set(order)) if d.get(k))
+
+    first = next(t for t in tables.values() if t)
+    truth = {s: sorted(first[s]["truth"]) if s in first else [] for s in subjects}
+    lines = ["| Variant | " + " | ".join(subjects) + " |", "|---|" + "---|" * len(subjects),
+             "| *truth* | " + " | ".join(counts(first[s]["truth"], truth[s]) if s in first else "—"
+                                         for s in subjects) + " |"]
+    for v, t in tables.items():
+        lines.append(f"| {NAMES.get(v, v)} | " + " | ".join(
+            f"{counts(t[s]['claimed'], truth[s])}; right {100 * t[s]['right'] / t[s]['n']:.0f} %" if s in t else "—"
+            for s in subjects) + " |")
     return "\n".join(lines)
 
 
@@ -274,6 +303,15 @@ option ("So the answer is B."). An outcome reward pays for the `<answer>` tag al
 keep accuracy while the chain stops leading to the answer; the process reward pays for both.
 
 {agreement_table(results)}
+
+## What the reasoning claims about each attribute
+
+Each test chain read for its claims about the attributes the answer depends on (the rubric
+judge's reading: the one value asserted, *both*, or *none*), against the truth. *right*: the
+share of chains claiming the true value alone. A stage that only shifts a prior shows its claims
+drifting to one value while the truth stays balanced.
+
+{claims_table(results, list(parts["test"]))}
 
 ## Plots
 

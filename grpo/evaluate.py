@@ -35,7 +35,7 @@ from data.convert import as_records
 from models.adapter import QwenVLAdapter
 from rewards import AccuracyReward, FormatReward
 from rewards.accuracy import LETTERS, resolve_option
-from rewards.judge.rubric import concluded
+from rewards.judge.rubric import claims, concluded
 from rewards.text import THINK_RE, last_answer, reasoning_text
 
 from .rollout import sample
@@ -159,6 +159,30 @@ def summarize(preds: list[Prediction]) -> EvalResult:
                       answer_letters=dict(sorted(Counter(p.chosen or "none" for p in preds if p.num_options).items())),
                       reference_letters=dict(sorted(Counter(p.reference for p in preds if p.reference).items())),
                       baselines=baselines, reasoning_agreement=reasoning_agreement(preds))
+
+
+def claim_balance(predictions, records) -> dict[str, dict]:
+    """What the predictions' reasoning claims about each attribute, against the truth, for the
+    records whose ``criteria`` read ``<attribute> is <value>, not <other>[ or <other>]`` (read as
+    the rubric judge reads them, ``rewards.judge.rubric.claims``). Per attribute: ``truth`` and
+    ``claimed`` (value -> count; ``claimed`` also counts ``"both"`` and ``"none"``), ``right``
+    (chains claiming the true value alone) of ``n``. Accuracy that moves because claims drift to
+    one value while the truth stays balanced is a prior moving, not an attribute being read.
+    ``predictions``: ``Prediction``s or their dicts; ``records``: with ``id`` and ``criteria``."""
+    criteria = {str(_attr(r, "id")): _attr(r, "criteria", None) for r in as_records(records)}
+    table: dict[str, dict] = {}
+    for p in predictions:
+        p = p if isinstance(p, dict) else asdict(p)
+        crit = criteria.get(p["id"])
+        if not crit:
+            continue
+        for subject, (truth, claim) in claims(crit, reasoning_text(p["completion"])).items():
+            row = table.setdefault(subject, {"truth": {}, "claimed": {}, "right": 0, "n": 0})
+            row["truth"][truth] = row["truth"].get(truth, 0) + 1
+            row["claimed"][claim] = row["claimed"].get(claim, 0) + 1
+            row["right"] += claim == truth
+            row["n"] += 1
+    return table
 
 
 def visual_reliance(with_images: EvalResult, blank: EvalResult) -> dict:

@@ -361,6 +361,19 @@ def _judge_checkable(m: _Matcher, f: _Finding) -> tuple[bool, list[str], str]:
     return satisfied, errors, why
 
 
+def claims(criteria: list[str], reasoning: str) -> dict[str, tuple[str, str]]:
+    """What ``reasoning`` claims about each checkable criterion, read as the rubric reads it:
+    ``{subject: (true value, claim)}`` where the claim is the one value asserted, ``"both"`` when
+    more than one is, and ``"none"`` when none is (a negated value alone asserts nothing, except
+    for present/absent criteria). Free-text criteria are left out."""
+    matchers = [m for m in (_Matcher.build(c) for c in criteria) if m is not None]
+    out = {}
+    for m, f in zip(matchers, _read_checkables(matchers, reasoning)):
+        said = [m.check.values[i] for i, a in enumerate(f.asserted) if a]
+        out[re.sub(r"^(the|a|an) ", "", m.check.subject.lower())] = (m.check.value, said[0] if len(said) == 1 else "both" if said else "none")
+    return out
+
+
 # --- free-text criteria ----------------------------------------------------------------------
 
 def _stems(tokens) -> set[str]:

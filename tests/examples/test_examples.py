@@ -134,6 +134,32 @@ def test_seed_summary_by_hand(tmp_path):
     assert cells[1] == "60.00 ± 14.14" and cells[6] == "60.00 ± 14.14" and cells[-1] == "5.00 ± 7.07"
 
 
+def test_claims_table_by_hand():
+    """The report's claims table: the truth row from the records, and per variant the claim
+    counts (synonyms in parentheses dropped) and the share of right claims, counted by hand."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import pathvlm_report as rep
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from data import VQARecord
+    from grpo.evaluate import EvalResult
+    crit = {"dark": ["nuclear staining is dark (hyperchromatic), not pale (vesicular)"],
+            "pale": ["nuclear staining is pale (vesicular), not dark (hyperchromatic)"]}
+    records = [VQARecord(id=str(i), images=[], question="q", answer="a", criteria=crit[t])
+               for i, t in enumerate(["dark", "dark", "pale"])]
+
+    def result(*thinks):
+        preds = [{"id": str(i), "completion": f"<think>{t}</think><answer>A</answer>"} for i, t in enumerate(thinks)]
+        return {"test": EvalResult(n=3, accuracy=0.0, format_rate=1.0, mean_reasoning_tokens=1.0, predictions=preds)}
+    results = {"alpha": result("Staining is dark.", "Staining is pale.", "Staining is pale."),   # 2 of 3 right
+               "beta": result("Staining is dark.", "Staining is dark.", "Staining is dark.")}   # 2 of 3, a prior
+    lines = rep.claims_table(results, records).splitlines()
+    assert lines[2] == "| *truth* | dark 2 / pale 1 |"
+    assert lines[3] == "| Alpha (SFT) | dark 1 / pale 2; right 67 % |"
+    assert lines[4] == "| Beta (Alpha + GRPO acc+fmt) | dark 3; right 67 % |"
+
+
 def test_recipe_comparison_runs_every_recipe_on_the_same_alpha(tmp_path):
     """examples/recipe_comparison.py on the quick profile: each recipe trains the same number of
     steps from the same Alpha; DAPO's dynamic sampling generates extra rounds, the others exactly

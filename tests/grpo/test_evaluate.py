@@ -1,8 +1,9 @@
 """Evaluation: the summary arithmetic by hand, and a real batched run on the tiny model."""
 import pytest
 
-from grpo.evaluate import (EvalResult, Prediction, blank_prompt, evaluate, letter_baselines, reasoning_conclusion,
-                           summarize, visual_reliance)
+from data import VQARecord
+from grpo.evaluate import (EvalResult, Prediction, blank_prompt, claim_balance, evaluate, letter_baselines,
+                           reasoning_conclusion, summarize, visual_reliance)
 from rewards import RewardSample
 
 
@@ -87,6 +88,36 @@ def test_reasoning_agreement_by_hand():
                                      "by_difficulty": {"easy": pytest.approx(1 / 3), "medium": 1.0}}
     assert "reasoning concludes the answer's option in 60.0 % of 5 single-option answers" in r.table()
     assert summarize([p(0, "", "", "open", 0)]).reasoning_agreement == {}
+
+
+def test_claim_balance_counts_claims_against_the_truth_by_hand():
+    """Four chains about size (two records true "small", one "large") and cellularity: the counts
+    below are read off the chains by hand; "both" and "none" are claims too, a negated value alone
+    asserts nothing, and a record without criteria is left out."""
+    size_small = ["nuclear size is small, not large", "cellularity is high, not low"]
+    size_large = ["nuclear size is large, not small", "cellularity is high, not low"]
+    records = [VQARecord(id="0", images=[], question="q", answer="a", criteria=size_small),
+               VQARecord(id="1", images=[], question="q", answer="a", criteria=size_small),
+               VQARecord(id="2", images=[], question="q", answer="a", criteria=size_large),
+               VQARecord(id="3", images=[], question="q", answer="a", criteria=size_large),
+               VQARecord(id="4", images=[], question="q", answer="a")]
+
+    def p(i, think):
+        return Prediction(id=str(i), modality="pathology", source="s", correct=True, well_formatted=True,
+                          reasoning_tokens=1, completion=f"<think>{think}</think><answer>A</answer>")
+    preds = [p(0, "Nuclear size is small, not large. Cellularity is high, not low."),   # size right, cell right
+             p(1, "The nuclei are large. Cellularity is low."),                          # size wrong, cell wrong
+             p(2, "Nuclear size is small and large. Cellularity is not low."),           # both; none
+             p(3, "Nuclear size is large, not small. Cellularity is high."),             # right, right
+             p(4, "Nuclear size is small.")]                                             # no criteria
+    table = claim_balance(preds, records)
+    assert table["nuclear size"] == {"truth": {"small": 2, "large": 2}, "claimed": {"small": 1, "large": 2, "both": 1},
+                                     "right": 2, "n": 4}
+    assert table["cellularity"] == {"truth": {"high": 4}, "claimed": {"high": 2, "low": 1, "none": 1},
+                                    "right": 2, "n": 4}
+    # the dicts of an evaluation JSON give the same table
+    from dataclasses import asdict
+    assert claim_balance([asdict(x) for x in preds], records) == table
 
 
 @pytest.mark.parametrize("completion,expected", [
