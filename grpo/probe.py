@@ -17,6 +17,12 @@ On the embedded pathology tiles (attributes known by construction):
 
 prints, per checkpoint, each attribute's held-out probe accuracy, next to the same probe on
 plain pixel statistics of the images (a reference that needs no model) and the majority class.
+
+When the tower encodes an attribute, :func:`decoder_probe` asks whether the decoder reads it: the
+answer is forced to begin with a prefix ("<think>Nuclear size is ") and the log-odds of the values
+("small" / "large") that come next are read with each image. Its AUC says how well the decoder
+separates the classes whatever its threshold; ``claimed`` says where the threshold sits. A stage
+that moves ``claimed`` but not the AUC has moved a prior, not taught the model to read.
 """
 from __future__ import annotations
 
@@ -97,6 +103,81 @@ def probe_image_features(model, processor, images, labels: dict, **kwargs) -> di
     the same image features. ``kwargs`` go to :func:`fit_probe`."""
     features = image_features(model, processor, images)
     return {name: fit_probe(features, values, **kwargs) for name, values in labels.items()}
+
+
+def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
+
+
+@torch.no_grad()
+def decoder_probe(model, processor, records, prefix: str, values, labels, batch_size: int = 32,
+                  prompt_fn=None) -> dict:
+    """Does the *decoder* read an attribute, and where is its threshold? Each record's answer is
+    forced to begin with ``prefix`` ("<think>Nuclear size is "), and the log-probabilities of the
+    first token of each of ``values`` (("small", "large")) come next are read, with the image.
+
+    Returns ``accuracy`` (the likelier value is ``labels[i]``), ``claimed`` and ``truth`` (value ->
+    count), ``margin`` (mean of log p(values[-1]) - log p(values[0]) per true value) and, for two
+    values, ``auc``: how well the margin separates the two classes whatever the threshold. A training
+    stage that raises the AUC has taught the decoder to read the attribute; one that moves only
+    ``claimed`` (and the margins together) has moved a prior. ``records``: items ``prompt_fn`` turns
+    into (messages, images); default ``grpo.samples.default_prompt``."""
+    from models.adapter import QwenVLAdapter
+    from .samples import default_prompt
+    prompt_fn = prompt_fn or default_prompt
+    adapter = processor if isinstance(processor, QwenVLAdapter) else QwenVLAdapter(processor)
+    values, labels = list(values), list(labels)
+    if len(labels) != len(records):
+        raise ValueError(f"decoder_probe: {len(labels)} labels for {len(records)} records; give one per record")
+    unknown = sorted({str(x) for x in labels} - set(values))
+    if unknown:
+        raise ValueError(f"decoder_probe: labels {unknown} are not among values {values}")
+    # the forced context is what the values' tokenizations share ("<think>Nuclear size is" when the
+    # BPE glues the space to the value, " small"), and each value is read at its first own token
+    full = [adapter.tokenizer(prefix + v, add_special_tokens=False)["input_ids"] for v in values]
+    k = 0
+    while all(len(ids) > k for ids in full) and len({ids[k] for ids in full}) == 1:
+        k += 1
+    head = full[0][:k]
+    if not head:
+        raise ValueError("decoder_probe: the prefix gives no shared context; give the text the answer starts "
+                         "with, e.g. '<think>Nuclear size is '")
+    if any(len(ids) == k for ids in full):
+        raise ValueError(f"decoder_probe: values {values} cannot be told apart after the prefix (one is a "
+                         "prefix of another)")
+    firsts = [ids[k] for ids in full]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps = []
+    try:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            messages, images = zip(*(prompt_fn(r) for r in chunk))
+            prompts = adapter.encode_prompts(list(messages), list(images)).to(device)
+            ids = torch.tensor([head + [firsts[0]]] * len(chunk), device=device)
+            hidden = adapter.completion_hidden(model, ids, **adapter.forward_inputs(prompts, ids, torch.ones_like(ids)))
+            logits = adapter.output_head(model)(hidden[:, len(head)]).float()      # predicts the value token
+            logps.append(torch.log_softmax(logits, -1)[:, firsts].cpu())
+    finally:
+        model.train(was_training)
+    logp = torch.cat(logps)                                  # (n, len(values))
+    truth = torch.tensor([values.index(str(x)) for x in labels])
+    chosen = logp.argmax(1)
+    margin = logp[:, -1] - logp[:, 0]
+    out = {"n": len(labels), "accuracy": float((chosen == truth).double().mean()),
+           "claimed": {v: int((chosen == i).sum()) for i, v in enumerate(values)},
+           "truth": {v: int((truth == i).sum()) for i, v in enumerate(values)},
+           "margin": {v: float(margin[truth == i].mean()) if (truth == i).any() else float("nan")
+                      for i, v in enumerate(values)}}
+    if len(values) == 2:
+        out["auc"] = _auc(margin, truth == 1)
+    return out
 
 
 def embedded_tiles(n: int, seed: int):

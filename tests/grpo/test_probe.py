@@ -1,5 +1,6 @@
 """grpo.probe: the logistic-regression probe against data whose answer is known by construction,
-the pooled features against a per-image computation, the pixel statistics against numpy by hand."""
+the pooled features against a per-image computation, the pixel statistics against numpy by hand,
+the decoder probe against a plain Hugging Face forward of the whole text."""
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grpo.probe import fit_probe, image_features, main, pixel_statistics, probe_image_features
+from grpo.probe import _auc, decoder_probe, fit_probe, image_features, main, pixel_statistics, probe_image_features
 
 
 def blobs(n_per_class: int, centres, spread: float, seed: int):
@@ -87,3 +88,54 @@ def test_cli_probes_the_embedded_tiles(tiny_ckpt, tmp_path, capsys):
     # cellularity is the share of the tile covered by cells: colour statistics alone separate it
     assert results["pixel statistics"]["density"]["accuracy"] >= 0.9
     assert "| pixel statistics |" in capsys.readouterr().out
+
+
+def test_auc_by_hand():
+    # positives 0.4, 0.2 against negatives 0.1, 0.4: win, tie (1/2), win, loss -> 2.5 / 4
+    assert _auc(torch.tensor([0.4, 0.1, 0.2, 0.4]), torch.tensor([True, False, True, False])) == pytest.approx(0.625)
+    assert _auc(torch.tensor([1.0, 0.0]), torch.tensor([True, False])) == 1.0
+
+
+def test_decoder_probe_equals_a_plain_forward_of_the_whole_text(tiny_ckpt, tiny_processor):
+    """The log-probabilities the probe reads equal those of one Hugging Face forward over the
+    chat-templated prompt + prefix (tokenized by the processor together, images in place), and
+    accuracy, counts, margins and AUC follow from them as computed here by hand."""
+    from models import ModelConfig, QwenVLAdapter, load_policy
+    model = load_policy(ModelConfig(str(tiny_ckpt), freeze_vision=True)).eval()
+    adapter = QwenVLAdapter(tiny_processor)
+    g = np.random.default_rng(3)
+    items = [([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Size of the nuclei {i}?"}]}],
+              [Image.fromarray(g.integers(0, 256, (56, 56 + 28 * (i % 2), 3), dtype=np.uint8), "RGB")])
+             for i in range(6)]
+    labels = ["small", "large", "large", "small", "large", "small"]
+    prefix, values = "<think>The nuclei are ", ("small", "large")
+    r = decoder_probe(model, tiny_processor, items, prefix, values, labels, batch_size=4, prompt_fn=lambda it: it)
+    tok = tiny_processor.tokenizer
+    full = [tok(prefix + v, add_special_tokens=False)["input_ids"] for v in values]
+    k = next(i for i in range(min(map(len, full))) if full[0][i] != full[1][i])
+    context = tok.decode(full[0][:k])
+    ref = []
+    with torch.no_grad():
+        for messages, images in items:
+            enc = tiny_processor(text=[adapter.prompt_text(messages) + context], images=images, return_tensors="pt")
+            logits = model(**enc).logits[0, -1].float()
+            ref.append(torch.log_softmax(logits, -1)[[full[0][k], full[1][k]]])
+    ref = torch.stack(ref)
+    margin = ref[:, 1] - ref[:, 0]
+    truth = torch.tensor([lab == "large" for lab in labels])
+    said_large = margin > 0
+    assert r["accuracy"] == pytest.approx(float((said_large == truth).double().mean()))
+    assert r["claimed"] == {"small": int((~said_large).sum()), "large": int(said_large.sum())}
+    assert r["truth"] == {"small": 3, "large": 3}
+    assert r["margin"]["large"] == pytest.approx(float(margin[truth].mean()), abs=1e-4)
+    assert r["margin"]["small"] == pytest.approx(float(margin[~truth].mean()), abs=1e-4)
+    pairs = [(a > b) + 0.5 * (a == b) for a in margin[truth].tolist() for b in margin[~truth].tolist()]
+    assert r["auc"] == pytest.approx(sum(pairs) / 9)
+
+
+def test_decoder_probe_names_bad_input(tiny_ckpt, tiny_processor):
+    items = [([{"role": "user", "content": [{"type": "text", "text": "q"}]}], [])]
+    with pytest.raises(ValueError, match="1 records"):
+        decoder_probe(None, tiny_processor, items, "<think>", ("a", "b"), ["a", "b"], prompt_fn=lambda it: it)
+    with pytest.raises(ValueError, match="not among values"):
+        decoder_probe(None, tiny_processor, items, "<think>", ("a", "b"), ["c"], prompt_fn=lambda it: it)
