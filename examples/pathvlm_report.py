@@ -102,7 +102,7 @@ def _short(value: str) -> str:
 
 
 def claims_table(results: dict, records: list) -> str:
-    """Per variant and attribute: what the test reasoning claims (``rubric.claim_balance``) against
+    """Per variant and attribute: what the test reasoning claims (``grpo.claim_balance``) against
     the truth, and how often the claim is right. An accuracy that moves because the claims drift to
     one value (a prior) looks different here from one that moves because the attribute is read."""
     tables = {v: claim_balance(res["test"].predictions, records) for v, res in results.items()}

@@ -370,7 +370,8 @@ def claims(criteria: list[str], reasoning: str) -> dict[str, tuple[str, str]]:
     out = {}
     for m, f in zip(matchers, _read_checkables(matchers, reasoning)):
         said = [m.check.values[i] for i, a in enumerate(f.asserted) if a]
-        out[re.sub(r"^(the|a|an) ", "", m.check.subject.lower())] = (m.check.value, said[0] if len(said) == 1 else "both" if said else "none")
+        claim = said[0] if len(said) == 1 else "both" if said else "none"
+        out[re.sub(r"^(the|a|an) ", "", m.check.subject.lower())] = (m.check.value, claim)
     return out
 
 
