@@ -7,6 +7,7 @@ import html
 import io
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import data
@@ -122,6 +123,40 @@ def claims_table(results: dict, records: list) -> str:
         lines.append(f"| {NAMES.get(v, v)} | " + " | ".join(
             f"{counts(t[s]['claimed'], truth[s])}; right {100 * t[s]['right'] / t[s]['n']:.0f} %" if s in t else "—"
             for s in subjects) + " |")
+    return "\n".join(lines)
+
+
+def _family(record) -> str:
+    extra = record.extra or {}
+    return str(extra.get("task") or extra.get("difficulty") or "all")
+
+
+def family_table(results: dict, records: list) -> str:
+    """Per question family (``extra["task"]``, else the difficulty): each variant's test accuracy
+    with the images / with grey images, next to the best a constant letter gets in that family. A
+    stage whose gain in a family also appears on grey images has learnt a prior, not the image."""
+    family = {r.id: _family(r) for r in records}
+    first = next(iter(results.values()))["test"]
+    refs: dict[str, list[str]] = {}
+    for p in first.predictions:
+        refs.setdefault(family.get(p["id"], "?"), []).append(p.get("reference", ""))
+    names = sorted(refs)
+    best = {f: max(Counter(refs[f]).values()) / len(refs[f]) for f in names}
+
+    def share(preds: list[dict]) -> dict[str, float]:
+        hits: dict[str, list[bool]] = {}
+        for p in preds:
+            hits.setdefault(family.get(p["id"], "?"), []).append(bool(p.get("correct")))
+        return {f: sum(h) / len(h) for f, h in hits.items()}
+    lines = ["| Variant | " + " | ".join(f"{f} (n={len(refs[f])}, constant {100 * best[f]:.0f})" for f in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for variant, res in results.items():
+        test = res["test"]
+        seen = share(test.predictions)
+        grey = share(test.blank["predictions"]) if test.blank else {}
+        lines.append(f"| {NAMES.get(variant, variant)} | " + " | ".join(
+            (f"{100 * seen[f]:.0f} / {100 * grey[f]:.0f}" if f in grey else f"{100 * seen[f]:.0f} / —") if f in seen else "—"
+            for f in names) + " |")
     return "\n".join(lines)
 
 
@@ -295,6 +330,14 @@ Per difficulty (test): {chance_row(results)}.
 ## Visual reliance by difficulty, and the letters each variant answers
 
 {reliance_table(results)}
+
+## Accuracy by question family, with the images and with grey images
+
+Per family (the record's task): test accuracy (%) with the images / with every image grey. The
+header gives the family's size and the best a constant letter scores in it. A gain that the grey
+run shows too comes from a prior (for example always claiming mitoses "present"), not from reading.
+
+{family_table(results, list(parts["test"]))}
 
 ## Does the answer follow from the reasoning?
 

@@ -160,6 +160,35 @@ def test_claims_table_by_hand():
     assert lines[4] == "| Beta (Alpha + GRPO acc+fmt) | dark 3; right 67 % |"
 
 
+def test_family_table_by_hand():
+    """The report's per-family table: accuracy with the images / with grey images per family
+    (record.extra["task"]), and the best constant letter per family, all counted by hand; a
+    variant without the grey run shows a dash, a family it did not answer a dash too."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import pathvlm_report as rep
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from data import VQARecord
+    from grpo.evaluate import EvalResult
+    tasks = ["size", "size", "size", "size", "mitosis", "mitosis"]
+    records = [VQARecord(id=str(i), images=[], question="q", answer="a", extra={"task": t})
+               for i, t in enumerate(tasks)]
+    refs = ["A", "A", "A", "B", "B", "A"]     # size: A 3 of 4 -> constant 75; mitosis: 1 of 2 -> 50
+
+    def preds(correct):
+        return [{"id": str(i), "reference": r, "correct": c} for i, (r, c) in enumerate(zip(refs, correct))]
+    alpha = EvalResult(n=6, accuracy=0.5, format_rate=1.0, mean_reasoning_tokens=1.0,
+                       predictions=preds([1, 1, 0, 0, 0, 1]),             # size 2/4, mitosis 1/2
+                       blank={"predictions": preds([1, 0, 0, 0, 0, 0])})  # grey: size 1/4, mitosis 0/2
+    beta = EvalResult(n=6, accuracy=0.5, format_rate=1.0, mean_reasoning_tokens=1.0,
+                      predictions=preds([1, 1, 1, 1, 1, 1]))              # no grey run
+    lines = rep.family_table({"alpha": {"test": alpha}, "beta": {"test": beta}}, records).splitlines()
+    assert lines[0] == "| Variant | mitosis (n=2, constant 50) | size (n=4, constant 75) |"
+    assert lines[2] == "| Alpha (SFT) | 50 / 0 | 50 / 25 |"
+    assert lines[3] == "| Beta (Alpha + GRPO acc+fmt) | 100 / — | 100 / — |"
+
+
 def test_recipe_comparison_runs_every_recipe_on_the_same_alpha(tmp_path):
     """examples/recipe_comparison.py on the quick profile: each recipe trains the same number of
     steps from the same Alpha; DAPO's dynamic sampling generates extra rounds, the others exactly
