@@ -7,11 +7,11 @@ import html
 import io
 import json
 import statistics
-from collections import Counter
 from pathlib import Path
 
 import data
 from grpo import claim_balance
+from grpo.evaluate import Prediction, letter_baselines
 
 NAMES = {"base": "Base", "alpha": "Alpha (SFT)", "beta": "Beta (Alpha + GRPO acc+fmt)",
          "r1": "PathVLM-R1 (Beta + process reward)", "gamma": "Gamma (Alpha + SFT on RL split)",
@@ -136,26 +136,27 @@ def family_table(results: dict, records: list) -> str:
     with the images / with grey images, next to the best a constant letter gets in that family. A
     stage whose gain in a family also appears on grey images has learnt a prior, not the image."""
     family = {r.id: _family(r) for r in records}
-    first = next(iter(results.values()))["test"]
-    refs: dict[str, list[str]] = {}
-    for p in first.predictions:
-        refs.setdefault(family.get(p["id"], "?"), []).append(p.get("reference", ""))
-    names = sorted(refs)
-    best = {f: max(Counter(refs[f]).values()) / len(refs[f]) for f in names}
 
-    def share(preds: list[dict]) -> dict[str, float]:
-        hits: dict[str, list[bool]] = {}
-        for p in preds:
-            hits.setdefault(family.get(p["id"], "?"), []).append(bool(p.get("correct")))
-        return {f: sum(h) / len(h) for f, h in hits.items()}
-    lines = ["| Variant | " + " | ".join(f"{f} (n={len(refs[f])}, constant {100 * best[f]:.0f})" for f in names) + " |",
+    def by_family(predictions: list[dict]) -> dict[str, list[Prediction]]:
+        out: dict[str, list[Prediction]] = {}
+        for p in (Prediction(**d) for d in predictions):
+            out.setdefault(family.get(p.id, "?"), []).append(p)
+        return out
+
+    def acc(preds: list[Prediction]) -> float:
+        return sum(p.correct for p in preds) / len(preds)
+    first = by_family(next(iter(results.values()))["test"].predictions)
+    names = sorted(first)
+    lines = ["| Variant | " + " | ".join(
+                 f"{f} (n={len(first[f])}, constant {100 * letter_baselines(first[f])['constant_letter_accuracy']:.0f})"
+                 for f in names) + " |",
              "|---|" + "---:|" * len(names)]
     for variant, res in results.items():
         test = res["test"]
-        seen = share(test.predictions)
-        grey = share(test.blank["predictions"]) if test.blank else {}
+        seen = by_family(test.predictions)
+        grey = by_family(test.blank["predictions"]) if test.blank else {}
         lines.append(f"| {NAMES.get(variant, variant)} | " + " | ".join(
-            (f"{100 * seen[f]:.0f} / {100 * grey[f]:.0f}" if f in grey else f"{100 * seen[f]:.0f} / —") if f in seen else "—"
+            f"{100 * acc(seen[f]):.0f} / " + (f"{100 * acc(grey[f]):.0f}" if f in grey else "—") if f in seen else "—"
             for f in names) + " |")
     return "\n".join(lines)
 

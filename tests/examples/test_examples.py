@@ -170,14 +170,17 @@ def test_family_table_by_hand():
     finally:
         sys.path.remove(str(EXAMPLES))
     from data import VQARecord
-    from grpo.evaluate import EvalResult
+    from dataclasses import asdict
+    from grpo.evaluate import EvalResult, Prediction
     tasks = ["size", "size", "size", "size", "mitosis", "mitosis"]
     records = [VQARecord(id=str(i), images=[], question="q", answer="a", extra={"task": t})
                for i, t in enumerate(tasks)]
     refs = ["A", "A", "A", "B", "B", "A"]     # size: A 3 of 4 -> constant 75; mitosis: 1 of 2 -> 50
 
     def preds(correct):
-        return [{"id": str(i), "reference": r, "correct": c} for i, (r, c) in enumerate(zip(refs, correct))]
+        return [asdict(Prediction(id=str(i), modality="pathology", source="s", completion="", correct=bool(c),
+                                  well_formatted=True, reasoning_tokens=1, reference=r, num_options=2))
+                for i, (r, c) in enumerate(zip(refs, correct))]
     alpha = EvalResult(n=6, accuracy=0.5, format_rate=1.0, mean_reasoning_tokens=1.0,
                        predictions=preds([1, 1, 0, 0, 0, 1]),             # size 2/4, mitosis 1/2
                        blank={"predictions": preds([1, 0, 0, 0, 0, 0])})  # grey: size 1/4, mitosis 0/2
