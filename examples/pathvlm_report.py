@@ -10,8 +10,7 @@ import statistics
 from pathlib import Path
 
 import data
-from grpo import claim_balance
-from grpo.evaluate import Prediction, letter_baselines
+from grpo import Prediction, claim_balance, letter_baselines
 
 NAMES = {"base": "Base", "alpha": "Alpha (SFT)", "beta": "Beta (Alpha + GRPO acc+fmt)",
          "r1": "PathVLM-R1 (Beta + process reward)", "gamma": "Gamma (Alpha + SFT on RL split)",

@@ -10,10 +10,11 @@ from .base import PreflightError
 from .checkpoint import CheckpointWriteError
 from .config import GRPOConfig, SFTConfig
 from .engine import default_device, init_distributed
-from .evaluate import EvalResult, claim_balance, evaluate
+from .evaluate import EvalResult, Prediction, claim_balance, evaluate, letter_baselines
 from .samples import default_reward_sample
 from .sft import SFTTrainer
 from .trainer import GRPOTrainer
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "EvalResult", "claim_balance", "evaluate",
+__all__ = ["GRPOConfig", "GRPOTrainer", "SFTConfig", "SFTTrainer", "EvalResult", "Prediction", "claim_balance", "evaluate",
+           "letter_baselines",
            "default_device", "init_distributed", "default_reward_sample", "PreflightError", "CheckpointWriteError"]
